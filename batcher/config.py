@@ -1,0 +1,131 @@
+"""The validated configuration of one run: CLI flags, job file and environment, merged once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from batcher.errors import ConfigError
+from batcher.types import JSON
+
+DEFAULT_CONCURRENCY = 64
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that shapes one run. Built by :func:`make_config`; never mutated.
+
+    Units: ``timeout`` seconds per request (connect + answer), ``rpm`` requests per minute,
+    ``tpm`` tokens per minute, ``max_cost`` US dollars, ``grace`` seconds to wait for
+    in-flight answers after SIGINT/SIGTERM, ``server_down_after`` seconds without a single
+    success (while requests were being sent) before the job aborts.
+    """
+
+    input: Path
+    output: Path
+    model: str | None = None
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    endpoint: str = "chat"
+    system: str | None = None
+    template: str | None = None
+    id_column: str | None = None
+    prompt_column: str | None = None
+    params: Mapping[str, JSON] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = DEFAULT_CONCURRENCY
+    rpm: float | None = None
+    tpm: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float = DEFAULT_TIMEOUT
+    max_cost: float | None = None
+    price_input: float | None = None
+    price_output: float | None = None
+    retry_failed: bool = False
+    restart: bool = False
+    force_resume: bool = False
+    strict: bool = False
+    keep_raw: bool = False
+    grace: float = 30.0
+    server_down_after: float = 60.0
+    job: str | None = None
+
+    def api_key(self) -> str:
+        """The key from the environment variable named by ``api_key_env`` ('' when unset)."""
+        return os.environ.get(self.api_key_env, "")
+
+    @property
+    def state_dir(self) -> Path:
+        """The state folder beside the output: ``results.parquet`` → ``results.parquet.state``."""
+        return self.output.with_name(self.output.name + ".state")
+
+    @property
+    def summary_path(self) -> Path:
+        """``results.parquet`` → ``results.summary.json``."""
+        stem = self.output.name
+        stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
+        return self.output.with_name(stem + ".summary.json")
+
+
+def default_base_url() -> str:
+    """``BATCHER_BASE_URL``, then ``OPENAI_BASE_URL``, then OpenAI's."""
+    return (os.environ.get("BATCHER_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+            or DEFAULT_BASE_URL)
+
+
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "concurrency": (1, 100_000),
+    "rpm": (0.001, 1e9),
+    "tpm": (1, 1e12),
+    "max_attempts": (1, 100),
+    "timeout": (0.001, 86_400),
+    "max_cost": (0, 1e9),
+    "price_input": (0, 1e6),
+    "price_output": (0, 1e6),
+    "grace": (0, 86_400),
+    "server_down_after": (0.01, 86_400),
+}
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in fields(RunConfig)]
+
+
+def make_config(values: Mapping[str, Any]) -> RunConfig:
+    """Validate and build a RunConfig from already-merged values (None means 'not given').
+
+    Rejects unknown keys and out-of-range values with a message naming the key.
+    """
+    known = set(config_keys())
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}")
+    given = {k: v for k, v in values.items() if v is not None}
+    for key in ("input", "output"):
+        if key not in given:
+            raise ConfigError(f"missing {key!r}")
+        given[key] = Path(given[key])
+    given.setdefault("base_url", default_base_url())
+    if given.get("endpoint", "chat") not in ENDPOINTS:
+        raise ConfigError(
+            f"endpoint: {given['endpoint']!r} is not one of {', '.join(ENDPOINTS)}")
+    for key, (low, high) in _BOUNDS.items():
+        if key in given:
+            value = given[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{key}: {value} is out of range [{low:g}, {high:g}]")
+    if given.get("restart") and given.get("force_resume"):
+        raise ConfigError("restart and force_resume contradict each other; give one")
+    base = str(given["base_url"])
+    if not base.startswith(("http://", "https://")):
+        raise ConfigError(f"base_url: {base!r} must start with http:// or https://")
+    return RunConfig(**given)
