@@ -1,0 +1,217 @@
+"""Thin click commands: parse, build one config, call the library, map errors to exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from batcher import __version__
+from batcher.config import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT, ENDPOINTS
+from batcher.errors import BatcherError, ConfigError
+from batcher.log import LogFormat, configure_logging
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``-p key=value`` pairs; values are JSON when they parse as JSON, else text."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p/--param: expected key=value, got {item!r}")
+        try:
+            params[key.strip()] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def parse_headers(items: tuple[str, ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"--header: expected 'Name: value', got {item!r}")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def request_options(func: F) -> F:
+    """The options that shape requests, shared by ``run`` and ``estimate``."""
+    options = [
+        click.option("--model", help="Model name (a row's own 'model' overrides it)."),
+        click.option("--base-url", help="API base URL including the version path, e.g. "
+                     "https://api.openai.com/v1. Default: $BATCHER_BASE_URL, then "
+                     "$OPENAI_BASE_URL, then OpenAI's."),
+        click.option("--api-key-env", metavar="NAME",
+                     help="Environment variable holding the API key [default: OPENAI_API_KEY]."),
+        click.option("--endpoint", type=click.Choice(ENDPOINTS),
+                     help="Wire format [default: chat]. Batch API lines use their own url."),
+        click.option("--system", metavar="TEXT", help="System prompt for every row."),
+        click.option("--template", metavar="TEXT",
+                     help='Prompt built from columns, e.g. "Translate: {text}".'),
+        click.option("--id-column", metavar="NAME", help="Column holding row ids [default: id]."),
+        click.option("--prompt-column", metavar="NAME",
+                     help="Column holding the prompt [default: prompt]."),
+        click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+                     help="Request parameter; JSON values allowed (-p temperature=0)."),
+        click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+                     help="Extra HTTP header (gateways)."),
+        click.option("--concurrency", type=int,
+                     help=f"Requests in flight [default: {DEFAULT_CONCURRENCY}]."),
+        click.option("--rpm", type=float, help="Requests per minute to stay under."),
+        click.option("--tpm", type=float, help="Tokens per minute to stay under."),
+        click.option("--price-input", type=float, metavar="USD",
+                     help="Input price, USD per 1M tokens (overrides the bundled prices)."),
+        click.option("--price-output", type=float, metavar="USD",
+                     help="Output price, USD per 1M tokens."),
+        click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+                     help="Log lines on stderr [default: console]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """CLI kwargs → config values (None = not given, so job files and defaults apply)."""
+    values = dict(kwargs)
+    values["params"] = parse_params(values.pop("params", ())) or None
+    values["headers"] = parse_headers(values.pop("headers", ())) or None
+    for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw"):
+        if flag in values and not values[flag]:
+            values[flag] = None
+    return values
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when available (faster sockets), else the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def fail(exc: BaseException, code: int) -> None:
+    click.echo(f"batcher: error: {exc}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batcher")
+def cli() -> None:
+    """Run large numbers of LLM requests from a file: JSONL/Parquet in, Parquet out."""
+
+
+@cli.command()
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output Parquet file (its state lives beside it in OUTPUT.state/).")
+@request_options
+@click.option("--max-attempts", type=int,
+              help=f"Sends per row before it is written as an error "
+                   f"[default: {DEFAULT_MAX_ATTEMPTS}].")
+@click.option("--timeout", type=float,
+              help=f"Seconds per request, connect to last byte [default: {DEFAULT_TIMEOUT:g}].")
+@click.option("--max-cost", type=float, metavar="USD", help="Hard spending cap for this output.")
+@click.option("--retry-failed", is_flag=True, help="Re-send the rows written with status=error.")
+@click.option("--restart", is_flag=True, help="Discard earlier state and output; start over.")
+@click.option("--force-resume", is_flag=True,
+              help="Resume even though the input or request options changed.")
+@click.option("--strict", is_flag=True, help="Any bad input row is fatal (exit 2), before sending.")
+@click.option("--keep-raw", is_flag=True, help="Keep each raw response JSON in column 'raw'.")
+@click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
+@click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
+def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_json: bool,
+        **kwargs: Any) -> None:
+    """Run every row of INPUT (.jsonl, .jsonl.gz, .parquet, a folder of .parquet, or a job
+    file .toml) and write one answer per row to OUTPUT.
+
+    Exit codes: 0 all ok; 1 finished with failed rows; 2 usage/config/input error;
+    3 aborted (auth, quota, budget, lock held, server down; resumable); 130/143 interrupted."""
+    from batcher.commands import execute_estimate, execute_run
+
+    values = collect(kwargs)
+    if dry_run:
+        sys.exit(execute_estimate(input, values, as_json=as_json, sample=None))
+    sys.exit(execute_run(input, output, values, show_progress=not no_progress,
+                         argv=shlex.join(sys.argv)))
+
+
+@cli.command()
+@click.argument("input", type=click.Path(path_type=Path))
+@request_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--sample", type=int, metavar="N",
+              help="Send N random rows for real to measure output length (costs money).")
+def estimate(input: Path, as_json: bool, sample: int | None, **kwargs: Any) -> None:
+    """Dry run: rows, tokens, cost and time for INPUT. No request is sent (unless --sample)."""
+    from batcher.commands import execute_estimate
+
+    sys.exit(execute_estimate(input, collect(kwargs), as_json=as_json, sample=sample))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(output: Path, as_json: bool) -> None:
+    """What a job did and has left: OUTPUT.parquet or a job file. Works while it runs."""
+    from batcher.commands import execute_status
+
+    sys.exit(execute_status(output, as_json=as_json))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--latency-ms", default=0.0, show_default=True, type=float)
+@click.option("--jitter-ms", default=0.0, show_default=True, type=float)
+@click.option("--rpm", type=float, help="Enforce requests/minute in per-second slices (429).")
+@click.option("--tpm", type=float, help="Enforce tokens/minute in per-second slices (429).")
+@click.option("--fail-rate", default=0.0, show_default=True, type=float, help="500s.")
+@click.option("--rate-429", default=0.0, show_default=True, type=float)
+@click.option("--rate-429-bare", default=0.0, show_default=True, type=float,
+              help="429s without any retry header.")
+@click.option("--rate-524", default=0.0, show_default=True, type=float)
+@click.option("--rate-invalid-json", default=0.0, show_default=True, type=float)
+@click.option("--rate-drop", default=0.0, show_default=True, type=float)
+@click.option("--rate-hang", default=0.0, show_default=True, type=float)
+@click.option("--rate-cut-stream", default=0.0, show_default=True, type=float)
+@click.option("--require-key", default=None, help="Answer 401 unless this key is sent.")
+@click.option("--quota-exhausted", is_flag=True, help="Answer every request 429 insufficient_quota.")
+@click.option("--answer-tokens", default=16, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def simulate(host: str, port: int, **kwargs: Any) -> None:
+    """A local OpenAI-compatible server (chat, completions, embeddings, Anthropic messages,
+    Gemini generateContent) with latency, limits and faults, to rehearse a job for free."""
+    from batcher.simulate import serve, sim_config_from
+
+    try:
+        config = sim_config_from(**kwargs)
+    except ValueError as exc:
+        fail(exc, 2)
+        return
+    serve(config, host=host, port=port)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=True)
+    except BatcherError as exc:  # pragma: no cover - commands catch their own
+        fail(exc, exc.exit_code)
+
+
+def setup_logging(log_format: LogFormat | None, **context: object) -> None:
+    configure_logging(log_format or "console", **context)

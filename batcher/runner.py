@@ -1,0 +1,552 @@
+"""The job: reader → (done ids skipped) → bounded queue → workers → writer → durable state → output.
+
+Guarantees (PRODUCT.md): every answered row is handed to the state store in the same event-loop
+turn it is parsed, and the store makes it survive kill -9 at once, so a crash re-sends only
+requests in flight. A stop request (SIGINT/SIGTERM, abort) stops dispatching at once; requests
+already sent are waited for (at most ``grace`` seconds) and written, so a resume after Ctrl-C
+re-sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from batcher.checkpoint import StateStore, input_fingerprint
+from batcher.config import RunConfig
+from batcher.errors import (
+    Aborted,
+    BudgetExceeded,
+    ConfigError,
+    InputError,
+    JobFatal,
+    ProviderError,
+    RateLimited,
+    Retryable,
+    ServerDown,
+)
+from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
+from batcher.limits import Throttle
+from batcher.log import get_logger
+from batcher.pool import Transport
+from batcher.pricing import Budget, Price, cost_usd, max_cost_usd, price_for
+from batcher.providers import get_provider, provider_for_row
+from batcher.retry import retrying
+from batcher.tokens import request_input_tokens, request_max_output_tokens
+from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, ResultRow
+
+MAX_PROBLEMS_LOGGED = 20
+"""Bad rows logged one by one; beyond this only counted (the summary has the total)."""
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class _StopRequested(Exception):
+    """Raised inside a row's retry loop once the job is stopping: the row is left for resume."""
+
+
+@dataclass
+class Progress:
+    """Live counters, updated by the runner, read by whatever renders progress."""
+
+    total: int | None = None
+    already_done: int = 0
+    ok: int = 0
+    error: int = 0
+    bad_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    retries: int = 0
+    rate_limited: int = 0
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.already_done + self.ok + self.error
+
+
+@dataclass
+class RunSummary:
+    """What a run did; written beside the output as ``*.summary.json``."""
+
+    run_id: str
+    job: str | None
+    model: str | None
+    input: str
+    output: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    outcome: str
+    """finished | interrupted | aborted"""
+    exit_code: int
+    message: str | None
+    rows: int
+    """ids in the output (ok + error), this run and earlier ones."""
+    ok: int
+    error: int
+    skipped: int
+    """bad input rows reported and skipped."""
+    resumed: int
+    """rows already done when this run started."""
+    sent_this_run: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    errors_by_type: dict[str, int]
+    resume_command: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Runner:
+    """Runs one job described by a :class:`RunConfig`. Usable from Python::
+
+        summary = asyncio.run(Runner(config).run())
+
+    ``request_stop(reason)`` may be called from a signal handler; a second call abandons
+    in-flight requests at once (state stays consistent; they are re-sent on resume).
+    """
+
+    def __init__(self, config: RunConfig, *, run_id: str | None = None,
+                 on_problem: Callable[[InputProblem], None] | None = None) -> None:
+        self.config = config
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.progress = Progress()
+        self.stop_reason: str | None = None
+        self._abort_error: Aborted | JobFatal | None = None
+        self._input_error: InputError | None = None
+        self._on_problem = on_problem
+        self._log = get_logger()
+        self._stop_event = asyncio.Event()
+        self._pending: list[ResultRow] = []
+        self._pending_event = asyncio.Event()
+        self._workers_done = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._errors_by_type: Counter[str] = Counter()
+        self._last_success = 0.0
+        self._price_cache: dict[str | None, Price | None] = {}
+        self._budget = Budget(config.max_cost)
+        self._throttle: Throttle | None = None
+        self._ctx = RequestContext(
+            base_url=config.base_url, model=config.model, api_key=config.api_key(),
+            system=config.system, params=dict(config.params), headers=dict(config.headers),
+        )
+
+    # --- public ---------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Stop dispatching; in-flight requests finish within ``grace`` seconds. Called a
+        second time (a second Ctrl-C), in-flight requests are abandoned at once."""
+        if self.stop_reason is not None:
+            if reason in ("sigint", "sigterm"):
+                self._log.warning("stopping_now", reason=reason)
+                for task in list(self._sending):
+                    task.cancel()
+            return
+        self.stop_reason = reason
+        self._stop_event.set()
+        if reason in ("sigint", "sigterm"):
+            self._log.warning("stopping", reason=reason, grace_s=self.config.grace,
+                              in_flight=len(self._sending))
+        if self._reader is not None:
+            self._reader.cancel()
+        # Workers not holding a sent request may go now; those that are get `grace` seconds.
+        for task in self._workers:
+            if task not in self._sending:
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.grace, self._abandon_in_flight)
+
+    async def run(self) -> RunSummary:
+        config = self.config
+        started_at, t0 = _now_iso(), time.monotonic()
+        get_provider(config.endpoint)
+        if config.max_cost is not None and config.max_cost <= 0:
+            raise ConfigError("max_cost: must be greater than 0")
+        options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
+                                template=config.template)
+        total = count_rows(config.input)
+        if config.strict:
+            self._validate_strict(options)
+        fingerprint = self._fingerprint()
+        self._check_output_writable()
+        store = StateStore.open(config.output, fingerprint, run_id=self.run_id,
+                                restart=config.restart, force_resume=config.force_resume)
+        outcome, message = "finished", None
+        try:
+            skip = store.done_ids(include_errors=not config.retry_failed)
+            self.progress.total = total
+            self.progress.already_done = len(skip)
+            store.update_meta(status="running", total_rows=total, run_id=self.run_id,
+                              started_at=started_at)
+            self._log.info("run_started", input=str(config.input), output=str(config.output),
+                           rows=total, already_done=len(skip), endpoint=config.endpoint,
+                           model=config.model, concurrency=config.concurrency)
+            await self._pipeline(store, options, skip)
+            if self._input_error is not None:
+                store.update_meta(status="input_error")
+                raise self._input_error
+            if self._abort_error is not None:
+                outcome, message = "aborted", str(self._abort_error)
+            elif self.stop_reason is not None:
+                outcome = "interrupted"
+            store.update_meta(status=outcome, bad_rows=self.progress.bad_rows)
+            if outcome == "finished":
+                store.finalize()
+        finally:
+            if self._pending:
+                store.append(self._pending)
+                self._pending = []
+            store.close()
+        return self._summary(outcome, message, started_at, t0)
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict[str, object]:
+        c = self.config
+        return {
+            "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
+            "params": dict(sorted(c.params.items())), "template": c.template,
+            "system": c.system, "id_column": c.id_column, "prompt_column": c.prompt_column,
+        }
+
+    def _check_output_writable(self) -> None:
+        parent = self.config.output.resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"output folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"output folder {parent} is not writable")
+
+    def _validate_strict(self, options: ReaderOptions) -> None:
+        """--strict: one full pass before anything is sent; any bad row is fatal."""
+        problems: list[InputProblem] = []
+        for batch in iter_batches(self.config.input, options):
+            problems.extend(batch.problems)
+            if len(problems) >= MAX_PROBLEMS_LOGGED:
+                break
+        if problems:
+            first = problems[0]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise InputError(first.source, f"{first.message}{more}; --strict sends nothing "
+                             "while the input has bad rows", line=first.line, field=first.field)
+
+    # --- the pipeline ---------------------------------------------------------------------
+
+    async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
+        config = self.config
+        rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
+        self._throttle = Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=config.concurrency)
+        self._last_success = asyncio.get_running_loop().time()
+        async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    writer = group.create_task(self._write(store))
+                    self._reader = group.create_task(self._read(rows, options, skip))
+                    self._workers = [group.create_task(self._work(rows, transport))
+                                     for _ in range(config.concurrency)]
+                    await asyncio.gather(*self._workers, return_exceptions=True)
+                    self._workers_done = True
+                    self._pending_event.set()
+                    if self._reader is not None and not self._reader.done():
+                        self._reader.cancel()
+                    await writer
+            finally:
+                self._workers_done = True
+
+    async def _read(self, rows: asyncio.Queue[RequestRow | None], options: ReaderOptions,
+                    skip: set[str]) -> None:
+        try:
+            for batch in iter_batches(self.config.input, options, skip_ids=skip):
+                for problem in batch.problems:
+                    self._report_problem(problem)
+                for row in batch.rows:
+                    await rows.put(row)
+                await asyncio.sleep(0)
+        except InputError as exc:
+            # Fatal input trouble found mid-file: stop like an interrupt, answers kept.
+            self._input_error = exc
+            self.request_stop("input")
+            return
+        for _ in range(self.config.concurrency):
+            await rows.put(None)
+
+    def _report_problem(self, problem: InputProblem) -> None:
+        self.progress.bad_rows += 1
+        if self._on_problem is not None:
+            self._on_problem(problem)
+        if self.progress.bad_rows <= MAX_PROBLEMS_LOGGED:
+            self._log.warning("bad_row_skipped", where=f"{problem.source}:{problem.line}",
+                              field=problem.field, problem=problem.message)
+        elif self.progress.bad_rows == MAX_PROBLEMS_LOGGED + 1:
+            self._log.warning("bad_rows_continue", note="further bad rows are only counted")
+
+    async def _work(self, rows: asyncio.Queue[RequestRow | None], transport: Transport) -> None:
+        while self.stop_reason is None:
+            row = await rows.get()
+            if row is None or self.stop_reason is not None:
+                return
+            result = await self._process(row, transport)
+            if result is not None:
+                self._deliver(result)
+
+    def _deliver(self, result: ResultRow) -> None:
+        """Hand a result to the writer without awaiting: nothing can cancel it in between."""
+        self._pending.append(result)
+        self._pending_event.set()
+
+    async def _write(self, store: StateStore) -> None:
+        progress = self.progress
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                store.append(batch)
+                for r in batch:
+                    if r.status == "ok":
+                        progress.ok += 1
+                    else:
+                        progress.error += 1
+                        self._errors_by_type[r.error_type or "error"] += 1
+                    progress.prompt_tokens += r.prompt_tokens or 0
+                    progress.completion_tokens += r.completion_tokens or 0
+                    progress.cost_usd += r.cost_usd or 0.0
+            if self._workers_done and not self._pending:
+                return
+
+    def _abandon_in_flight(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+
+    # --- one row --------------------------------------------------------------------------
+
+    def _price(self, model: str | None) -> Price | None:
+        if model not in self._price_cache:
+            c = self.config
+            self._price_cache[model] = price_for(model, price_input=c.price_input,
+                                                 price_output=c.price_output)
+        return self._price_cache[model]
+
+    async def _process(self, row: RequestRow, transport: Transport) -> ResultRow | None:
+        """The result row for one input row, or None when the row was not finished (stop,
+        abort, budget): such rows are not written, so a resume sends them."""
+        config, ctx = self.config, self._ctx
+        try:
+            provider = provider_for_row(row, config.endpoint)
+            request = provider.build_request(row, ctx)
+        except InputError as exc:
+            return self._error_row(row, exc.detail, "input", attempts=0, status=None,
+                                   latency_ms=None)
+        need_tokens = config.tpm is not None or config.max_cost is not None
+        input_tokens = request_input_tokens(row, ctx, config.endpoint) if need_tokens else 0
+        max_output = (request_max_output_tokens(row, ctx, config.endpoint)
+                      if need_tokens else 0)
+        reserved = 0.0
+        if config.max_cost is not None:
+            price = self._price(request.model)
+            if price is None:
+                self._abort(BudgetExceeded(
+                    f"--max-cost needs a price, and the price of model {request.model!r} is "
+                    "unknown: give --price-input and --price-output (USD per 1M tokens)"))
+                return None
+            reserved = max_cost_usd(price, input_tokens, max_output) or 0.0
+            if not self._budget.try_reserve(reserved):
+                self._abort(BudgetExceeded(
+                    f"budget reached: ${self._budget.spent:.4f} spent of --max-cost "
+                    f"${config.max_cost:g}; the next request could cost up to ${reserved:.4f}. "
+                    "Rerun with a higher --max-cost to continue"))
+                return None
+        actual_cost = 0.0
+        try:
+            result = await self._send_with_retries(row, request, transport,
+                                                   input_tokens + max_output)
+            actual_cost = result.cost_usd or 0.0 if result is not None else 0.0
+            return result
+        finally:
+            if config.max_cost is not None:
+                self._budget.settle(reserved, actual_cost)
+
+    async def _send_with_retries(self, row: RequestRow, request: HttpRequest,
+                                 transport: Transport, tokens: int) -> ResultRow | None:
+        throttle = self._throttle
+        assert throttle is not None
+        loop = asyncio.get_running_loop()
+        attempts = 0
+        response: HttpResponse | None = None
+        started = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        policy = retrying(self.config.max_attempts)
+        policy.sleep = self._sleep  # type: ignore[method-assign]
+        try:
+            async for attempt in policy:
+                with attempt:
+                    if self.stop_reason is not None:
+                        raise _StopRequested
+                    await throttle.acquire(tokens)
+                    attempts += 1
+                    if attempts > 1:
+                        self.progress.retries += 1
+                    async with throttle.slot():
+                        self._sending.add(task)
+                        self.progress.in_flight += 1
+                        try:
+                            response = await transport.send(request)
+                        finally:
+                            self.progress.in_flight -= 1
+                    provider = provider_for_row(row, self.config.endpoint)
+                    try:
+                        answer = provider.parse_response(request, response)
+                    except RateLimited as exc:
+                        self.progress.rate_limited += 1
+                        wait = throttle.on_rate_limited(exc.retry_after)
+                        self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
+                        raise
+                    except Retryable:
+                        self._check_server_down(loop.time())
+                        raise
+        except JobFatal as exc:
+            self._abort(exc)
+            return None
+        except _StopRequested:
+            return None
+        except Retryable as exc:
+            self._check_server_down(loop.time())
+            return self._error_row(row, exc.message, exc.kind, attempts=attempts,
+                                   status=exc.status, latency_ms=_ms_since(started),
+                                   response=response)
+        except ProviderError as exc:
+            return self._error_row(row, exc.message, exc.kind, attempts=attempts,
+                                   status=exc.status, latency_ms=_ms_since(started),
+                                   response=response)
+        finally:
+            self._sending.discard(task)
+        # No await from here to delivery: a stop cannot lose an answer that was paid for.
+        self._last_success = loop.time()
+        throttle.on_success(response.headers)
+        throttle.settle_tokens(tokens, answer.usage.total_tokens)
+        return self._ok_row(row, request, response, answer, attempts, _ms_since(started))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Backoff sleep that ends early (and gives the row up) when the job stops."""
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise _StopRequested
+
+    def _check_server_down(self, now: float) -> None:
+        quiet = now - self._last_success
+        if quiet > self.config.server_down_after:
+            self._abort(ServerDown(
+                f"the server looks down: no request has succeeded for {quiet:.0f} s "
+                f"(limit {self.config.server_down_after:g} s). Rerun the same command to resume"))
+
+    def _abort(self, exc: Aborted | JobFatal) -> None:
+        if self._abort_error is None:
+            self._abort_error = exc
+            self._log.error("aborting", reason=str(exc), error_type=exc.kind
+                            if isinstance(exc, ProviderError) else type(exc).__name__)
+        self.request_stop("abort")
+
+    # --- result rows ----------------------------------------------------------------------
+
+    def _ok_row(self, row: RequestRow, request: HttpRequest, response: HttpResponse,
+                answer: Answer, attempts: int, latency_ms: float) -> ResultRow:
+        usage = answer.usage
+        cost = cost_usd(self._price(answer.model or request.model), usage)
+        return ResultRow(
+            id=row.id, status="ok", output=answer.output, finish_reason=answer.finish_reason,
+            finish_reason_raw=answer.finish_reason_raw, model=answer.model,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens, cost_usd=cost, latency_ms=latency_ms,
+            ttft_ms=response.ttft_ms, attempts=attempts, http_status=response.status,
+            response_id=answer.response_id, tool_calls=answer.tool_calls,
+            embedding=answer.embedding,
+            raw=response.body.decode("utf-8", "replace") if self.config.keep_raw else None,
+            completed_at=_now_iso(), columns=row.columns,
+        )
+
+    def _error_row(self, row: RequestRow, message: str, kind: str, *, attempts: int,
+                   status: int | None, latency_ms: float | None,
+                   response: HttpResponse | None = None) -> ResultRow:
+        raw = None
+        if self.config.keep_raw and response is not None:
+            raw = response.body.decode("utf-8", "replace")
+        return ResultRow(
+            id=row.id, status="error", error=message, error_type=kind, attempts=attempts,
+            http_status=status, latency_ms=latency_ms, raw=raw, completed_at=_now_iso(),
+            columns=row.columns, model=row.model or self.config.model,
+        )
+
+    # --- summary --------------------------------------------------------------------------
+
+    def _summary(self, outcome: str, message: str | None, started_at: str,
+                 t0: float) -> RunSummary:
+        config, p = self.config, self.progress
+        ok, error = p.ok, p.error
+        if outcome == "finished" and config.output.exists():
+            statuses = pq.read_table(config.output, columns=["status"]).column("status")
+            ok = sum(1 for s in statuses.to_pylist() if s == "ok")
+            error = len(statuses) - ok
+        if outcome == "aborted":
+            code = EXIT_ABORTED
+        elif outcome == "interrupted":
+            code = EXIT_SIGTERM if self.stop_reason == "sigterm" else EXIT_SIGINT
+        else:
+            code = EXIT_OK if error == 0 and p.bad_rows == 0 else EXIT_FAILED_ROWS
+        summary = RunSummary(
+            run_id=self.run_id, job=config.job, model=config.model, input=str(config.input),
+            output=str(config.output), started_at=started_at, finished_at=_now_iso(),
+            duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=code,
+            message=message, rows=ok + error if outcome == "finished" else p.done,
+            ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
+            sent_this_run=p.ok + p.error, prompt_tokens=p.prompt_tokens,
+            completion_tokens=p.completion_tokens, cost_usd=round(p.cost_usd, 6),
+            errors_by_type=dict(self._errors_by_type),
+        )
+        write_summary(config.summary_path, summary)
+        return summary
+
+
+def write_summary(path: Path, summary: RunSummary) -> None:
+    """Atomically write the summary JSON (tmp + rename) so a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp")
+    tmp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+async def run_job(config: RunConfig, **kwargs: object) -> RunSummary:
+    """Convenience for library users: run one job to the end and return its summary."""
+    runner = Runner(config, **kwargs)  # type: ignore[arg-type]
+    return await runner.run()
+
+
+Hook = Callable[[Runner], Awaitable[None]]
