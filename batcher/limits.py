@@ -51,6 +51,7 @@ class Throttle:
         self._tpm = _bucket(tpm / 60.0, TPM_SLICE) if tpm else None
         self._cooldown_until = 0.0
         self._token_debt = 0
+        self._tpm_lock = asyncio.Lock()
         self._consecutive_429 = 0
         self.adaptive = rpm is None and tpm is None
         self.max_concurrency = concurrency
@@ -90,14 +91,17 @@ class Throttle:
             self._tpm._level = max(0.0, self._tpm._level + diff)
 
     async def _charge_tokens(self, tokens: int) -> None:
-        """Charge TPM in pieces no bigger than the bucket (aiolimiter refuses bigger ones)."""
+        """Charge TPM in pieces no bigger than the bucket (aiolimiter refuses bigger ones).
+        One request's pieces are charged under a lock: interleaved with other requests'
+        pieces, many requests would complete their charge in the same instant (a burst)."""
         if self._tpm is None or tokens <= 0:
             return
-        remaining = float(tokens)
-        while remaining > 0:
-            piece = min(remaining, self._tpm.max_rate)
-            await self._tpm.acquire(piece)
-            remaining -= piece
+        async with self._tpm_lock:
+            remaining = float(tokens)
+            while remaining > 0:
+                piece = min(remaining, self._tpm.max_rate)
+                await self._tpm.acquire(piece)
+                remaining -= piece
 
     # --- adaptive concurrency (only when no limits were given) ----------------------------
 

@@ -1,0 +1,122 @@
+"""Golden tests of the Gemini generateContent adapter: requests, answers and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batcher import errors
+from batcher.errors import InputError, ProviderError
+from batcher.providers import get_provider
+from batcher.providers.gemini import retry_info_seconds
+from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow
+
+GOLDEN = Path(__file__).parent / "golden" / "gemini"
+PROVIDER = get_provider("gemini")
+
+
+def load(name: str) -> Any:
+    return orjson.loads((GOLDEN / name).read_bytes())
+
+
+def make_row(spec: dict[str, Any]) -> RequestRow:
+    spec = dict(spec)
+    return RequestRow(id=spec.pop("id"), shape=spec.pop("shape"), source="in.jsonl", line=9,
+                      **spec)
+
+
+def response_of(case: dict[str, Any]) -> HttpResponse:
+    body = orjson.dumps(case["json"]) if "json" in case else case["text"].encode()
+    return HttpResponse(case["status"], case.get("headers", {}), body)
+
+
+REQUEST = HttpRequest("POST", "http://h/v1beta/models/m:generateContent", {}, b"{}", model="m")
+
+
+def answer_dict(answer: Answer) -> dict[str, Any]:
+    u = answer.usage
+    return {
+        "output": answer.output, "finish_reason": answer.finish_reason,
+        "finish_reason_raw": answer.finish_reason_raw, "model": answer.model,
+        "response_id": answer.response_id,
+        "tool_calls": orjson.loads(answer.tool_calls) if answer.tool_calls else None,
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                  "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
+                  "reasoning_tokens": u.reasoning_tokens},
+    }
+
+
+REQUESTS = load("requests.json")
+RESPONSES = load("responses.json")
+ERRORS = load("errors.json")
+
+
+@pytest.mark.parametrize("case", REQUESTS, ids=[c["name"] for c in REQUESTS])
+def test_build_request_golden(case: dict[str, Any]) -> None:
+    request = PROVIDER.build_request(make_row(case["row"]), RequestContext(**case["ctx"]))
+    expected = case["expected"]
+    assert request.method == expected["method"]
+    assert request.url == expected["url"]
+    assert dict(request.headers) == expected["headers"]
+    assert orjson.loads(request.body) == expected["body"]
+    assert request.model == expected["model"]
+    assert request.stream is expected["stream"]
+    assert request.max_tokens == expected["max_tokens"]
+
+
+@pytest.mark.parametrize("case", RESPONSES, ids=[c["name"] for c in RESPONSES])
+def test_parse_response_golden(case: dict[str, Any]) -> None:
+    assert answer_dict(PROVIDER.parse_response(REQUEST, response_of(case))) == case["answer"]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c["name"] for c in ERRORS])
+def test_error_golden(case: dict[str, Any]) -> None:
+    expected = case["error"]
+    with pytest.raises(ProviderError) as info:
+        PROVIDER.parse_response(REQUEST, response_of(case))
+    assert type(info.value) is getattr(errors, expected["class"]), info.value
+    assert info.value.status == expected["status"]
+    if "retry_after" in expected:
+        assert getattr(info.value, "retry_after", None) == expected["retry_after"]
+
+
+@pytest.mark.parametrize(("delay", "seconds"), [
+    ("2s", 2.0), ("1.5s", 1.5), ("0.250s", 0.25), ({"seconds": 3, "nanos": 500000000}, 3.5),
+    ("soon", None),
+])
+def test_retry_info_delays(delay: Any, seconds: float | None) -> None:
+    err = {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}
+    assert retry_info_seconds(err) == seconds
+
+
+def test_key_goes_in_a_header_not_the_url() -> None:
+    row = RequestRow(id="1", shape="prompt", source="s", line=1, prompt="x")
+    request = PROVIDER.build_request(row, RequestContext(base_url="http://h/v1beta",
+                                                         model="gemini-2.0-flash",
+                                                         api_key="AIza-SECRET"))
+    assert "AIza-SECRET" not in request.url
+    assert request.headers["x-goog-api-key"] == "AIza-SECRET"
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "tool", "content": "x"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+    [{"role": "system", "content": "only a system message"}],
+    [{"role": "user", "content": 5}],
+])
+def test_unsendable_messages_are_input_errors(messages: list[dict[str, Any]]) -> None:
+    row = RequestRow(id="1", shape="messages", source="m.jsonl", line=4, messages=messages)
+    with pytest.raises(InputError) as info:
+        PROVIDER.build_request(row, RequestContext(base_url="http://h/v1beta", model="g"))
+    assert info.value.field == "messages"
+    assert info.value.line == 4
+
+
+def test_missing_model() -> None:
+    row = RequestRow(id="1", shape="prompt", source="s", line=1, prompt="x")
+    with pytest.raises(InputError) as info:
+        PROVIDER.build_request(row, RequestContext(base_url="http://h/v1beta", model=None))
+    assert info.value.field == "model"
