@@ -1,0 +1,311 @@
+"""The dry run: rows, tokens, cost and duration of a job, computed before any request is sent."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from batcher.pricing import Price, input_cost_usd, max_cost_usd, price_for
+from batcher.tokens import (
+    APPROX_FACTOR,
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    batch_input_tokens,
+    request_max_output_tokens,
+    row_model,
+    tokenizer_name,
+)
+from batcher.types import JSON, RequestContext, RequestRow
+
+DEFAULT_LATENCY_S = 2.0
+"""Seconds one request is assumed to take (a short chat answer) when no figure is given."""
+
+CHUNK_ROWS = 8192
+"""Rows counted per tokenizer call: big enough to amortise the call, small enough to keep
+memory flat on any input size."""
+
+NO_MODEL = "(no model)"
+
+
+@dataclass
+class ModelEstimate:
+    """Totals for the rows of one model. Costs are USD (None: price unknown);
+    ``tokenizer`` is ``"o200k_base"``, ``"cl100k_base"`` or ``"approx"``."""
+
+    model: str | None
+    rows: int
+    input_tokens: int
+    output_tokens_max: int
+    cost_usd_input: float | None
+    cost_usd_max: float | None
+    price: Price | None
+    tokenizer: str
+
+    def to_json(self) -> dict[str, JSON]:
+        price: dict[str, JSON] | None = None
+        if self.price is not None:
+            price = {
+                "input_per_m": self.price.input_per_m,
+                "output_per_m": self.price.output_per_m,
+                "cached_input_per_m": self.price.cached_input_per_m,
+                "source": self.price.source,
+                "matched": self.price.matched,
+            }
+        return {
+            "model": self.model,
+            "rows": self.rows,
+            "input_tokens": self.input_tokens,
+            "output_tokens_max": self.output_tokens_max,
+            "cost_usd_input": self.cost_usd_input,
+            "cost_usd_max": self.cost_usd_max,
+            "price": price,
+            "price_known": self.price is not None,
+            "tokenizer": self.tokenizer,
+        }
+
+
+@dataclass
+class EstimateReport:
+    """What a job will take. Token counts are per request as sent (system prompt and chat
+    overhead included). ``cost_usd_input`` prices the prompts (no caching assumed);
+    ``cost_usd_max`` adds every request's maximum output. Totals are None when any row's
+    model has no known price (the per-model breakdown still has the known part).
+    ``seconds_estimate`` is the expected wall time; ``bound_by`` names the limit that sets it.
+    """
+
+    rows: int
+    bad_rows: int
+    input_tokens: int
+    output_tokens_max: int
+    cost_usd_input: float | None
+    cost_usd_max: float | None
+    seconds_estimate: float | None
+    by_model: list[ModelEstimate]
+    unknown_price_models: list[str]
+    notes: list[str]
+    bound_by: str | None = None
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    rows_with_default_max_tokens: int = 0
+
+    def to_json(self) -> dict[str, JSON]:
+        """One JSON object: the totals, ``by_model``, ``unknown_price_models`` and ``notes``."""
+        return {
+            "rows": self.rows,
+            "bad_rows": self.bad_rows,
+            "input_tokens": self.input_tokens,
+            "output_tokens_max": self.output_tokens_max,
+            "cost_usd_input": self.cost_usd_input,
+            "cost_usd_max": self.cost_usd_max,
+            "seconds_estimate": self.seconds_estimate,
+            "bound_by": self.bound_by,
+            "default_max_output_tokens": self.default_max_output_tokens,
+            "rows_with_default_max_tokens": self.rows_with_default_max_tokens,
+            "by_model": [m.to_json() for m in self.by_model],
+            "unknown_price_models": list(self.unknown_price_models),
+            "notes": list(self.notes),
+        }
+
+    def render(self) -> str:
+        """A short plain-text table for a terminal."""
+        lines = [f"rows: {self.rows:,}" + (f"  ({self.bad_rows:,} bad rows skipped)"
+                                           if self.bad_rows else "")]
+        header = ("model", "rows", "input tok", "max output tok", "$ input", "$ max",
+                  "tokenizer")
+        table = [header]
+        for m in self.by_model:
+            table.append((
+                m.model or NO_MODEL, f"{m.rows:,}", f"{m.input_tokens:,}",
+                f"{m.output_tokens_max:,}", _money(m.cost_usd_input), _money(m.cost_usd_max),
+                m.tokenizer,
+            ))
+        if len(self.by_model) != 1:
+            table.append(("total", f"{self.rows:,}", f"{self.input_tokens:,}",
+                          f"{self.output_tokens_max:,}", _money(self.cost_usd_input),
+                          _money(self.cost_usd_max), ""))
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for r in table:
+            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1],
+                                                                          strict=True)]
+            lines.append("  ".join([*cells, r[-1]]).rstrip())
+        if self.seconds_estimate is not None:
+            bound = f"  (set by {self.bound_by})" if self.bound_by else ""
+            lines.append(f"time: ~{_duration(self.seconds_estimate)}{bound}")
+        if self.unknown_price_models:
+            lines.append("price unknown: " + ", ".join(self.unknown_price_models)
+                         + " (give --price-input/--price-output or a [prices] table)")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _money(value: float | None) -> str:
+    if value is None:
+        return "price unknown"
+    if value == 0:
+        return "$0"
+    if value < 0.01:
+        return f"${value:.6f}"
+    return f"${value:,.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}h {rest // 60:02d}m"
+
+
+@dataclass
+class _Acc:
+    rows: int = 0
+    input_tokens: int = 0
+    output_max: int = 0
+    cost_input: float = 0.0
+    cost_max: float = 0.0
+
+
+def estimate(
+    rows: Iterable[RequestRow],
+    ctx: RequestContext,
+    endpoint: str,
+    *,
+    bad_rows: int = 0,
+    rpm: float | None,
+    tpm: float | None,
+    concurrency: int,
+    latency_s: float = DEFAULT_LATENCY_S,
+    price_input: float | None = None,
+    price_output: float | None = None,
+    prices_table: Mapping[str, Mapping[str, float]] | None = None,
+) -> EstimateReport:
+    """Count and price every row's request without sending any. Streams ``rows`` in chunks
+    (memory stays flat). ``rpm``/``tpm`` are the job's limits (None: unlimited),
+    ``concurrency`` its number of requests in flight, ``latency_s`` one request's duration.
+
+    ``seconds_estimate`` is the largest of: rows / rpm; (input + maximum output tokens) / tpm
+    (providers such as OpenAI charge ``max_tokens`` against TPM when a request is admitted);
+    rows × latency / concurrency (Little's law).
+    """
+    accs: dict[str | None, _Acc] = {}
+    prices: dict[str | None, Price | None] = {}
+    default_max = 0
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+        input_counts = batch_input_tokens(chunk, ctx, endpoint)
+        for row, n_in in zip(chunk, input_counts, strict=True):
+            model = row_model(row, ctx)
+            acc = accs.get(model)
+            if acc is None:
+                acc = accs[model] = _Acc()
+                prices[model] = price_for(model, price_input=price_input,
+                                          price_output=price_output, table=prices_table)
+            n_out = request_max_output_tokens(row, ctx, endpoint)
+            if n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, ctx):
+                default_max += 1
+            acc.rows += 1
+            acc.input_tokens += n_in
+            acc.output_max += n_out
+            price = prices[model]
+            if price is not None and price.tiers:
+                # Long-context rates depend on each request's prompt; flat rates are priced
+                # once from the totals below.
+                acc.cost_input += input_cost_usd(price, n_in) or 0.0
+                acc.cost_max += max_cost_usd(price, n_in, n_out) or 0.0
+
+    by_model: list[ModelEstimate] = []
+    unknown: list[str] = []
+    for model, acc in sorted(accs.items(), key=lambda kv: (-kv[1].rows, kv[0] or "")):
+        price = prices[model]
+        cost_in: float | None = None
+        cost_max: float | None = None
+        if price is not None:
+            if price.tiers:
+                cost_in, cost_max = acc.cost_input, acc.cost_max
+            else:
+                cost_in = acc.input_tokens * price.input_per_m / 1_000_000
+                cost_max = cost_in + acc.output_max * price.output_per_m / 1_000_000
+        else:
+            unknown.append(model or NO_MODEL)
+        by_model.append(ModelEstimate(
+            model=model, rows=acc.rows, input_tokens=acc.input_tokens,
+            output_tokens_max=acc.output_max, cost_usd_input=cost_in, cost_usd_max=cost_max,
+            price=price, tokenizer=tokenizer_name(model)))
+
+    n_rows = sum(m.rows for m in by_model)
+    n_in = sum(m.input_tokens for m in by_model)
+    n_out = sum(m.output_tokens_max for m in by_model)
+    total_in = None if unknown else math.fsum(m.cost_usd_input or 0.0 for m in by_model)
+    total_max = None if unknown else math.fsum(m.cost_usd_max or 0.0 for m in by_model)
+    seconds, bound_by = _seconds(n_rows, n_in + n_out, rpm=rpm, tpm=tpm,
+                                 concurrency=concurrency, latency_s=latency_s)
+    notes = _notes(by_model, unknown, default_max, endpoint, rpm=rpm, tpm=tpm,
+                   concurrency=concurrency, latency_s=latency_s)
+    return EstimateReport(
+        rows=n_rows, bad_rows=bad_rows, input_tokens=n_in, output_tokens_max=n_out,
+        cost_usd_input=total_in, cost_usd_max=total_max, seconds_estimate=seconds,
+        by_model=by_model, unknown_price_models=unknown, notes=notes, bound_by=bound_by,
+        rows_with_default_max_tokens=default_max)
+
+
+def _has_limit(row: RequestRow, ctx: RequestContext) -> bool:
+    # request_max_output_tokens returns the default both when no limit is set and when the
+    # limit equals it; this tells the two apart for the note about assumed output.
+    keys = ("max_completion_tokens", "max_tokens", "max_output_tokens", "generationConfig")
+    if row.body is not None:
+        return any(row.body.get(k) is not None for k in keys)
+    params = {**ctx.params, **row.params} if row.params else ctx.params
+    return any(params.get(k) is not None for k in keys)
+
+
+def _seconds(rows: int, tokens: int, *, rpm: float | None, tpm: float | None,
+             concurrency: int, latency_s: float) -> tuple[float | None, str | None]:
+    if rows == 0:
+        return 0.0, None
+    candidates: list[tuple[float, str]] = []
+    if rpm:
+        candidates.append((rows / rpm * 60.0, f"--rpm {rpm:g}"))
+    if tpm:
+        candidates.append((tokens / tpm * 60.0, f"--tpm {tpm:g}"))
+    if concurrency > 0 and latency_s > 0:
+        candidates.append((rows * latency_s / concurrency,
+                           f"--concurrency {concurrency} at {latency_s:g}s per request"))
+    if not candidates:
+        return None, None
+    seconds, bound_by = max(candidates)
+    return seconds, bound_by
+
+
+def _notes(by_model: list[ModelEstimate], unknown: list[str], default_max: int, endpoint: str,
+           *, rpm: float | None, tpm: float | None, concurrency: int,
+           latency_s: float) -> list[str]:
+    notes: list[str] = []
+    if default_max:
+        notes.append(f"{default_max:,} row(s) set no max_tokens: assumed "
+                     f"{DEFAULT_MAX_OUTPUT_TOKENS:,} output tokens each (a model may write more; "
+                     "set -p max_tokens=N to bound cost and make --max-cost exact)")
+    if endpoint != "embeddings":
+        notes.append("cost_usd_max assumes every request writes its maximum output; "
+                     "real output is usually far shorter")
+    notes.append("input cost assumes no prompt caching (cached tokens are billed lower)")
+    approx = [m.model or NO_MODEL for m in by_model if m.tokenizer == "approx"]
+    if approx:
+        notes.append(f"token counts for {', '.join(approx)} are approximate "
+                     f"(o200k_base × {APPROX_FACTOR}; typically within ±20% for Latin-script "
+                     "text and code, looser for other scripts)")
+    if unknown:
+        known = math.fsum(m.cost_usd_max or 0.0 for m in by_model)
+        notes.append(f"totals omit cost: price unknown for {', '.join(unknown)}"
+                     f" (known models' maximum: {_money(known)})")
+    parts = []
+    if rpm:
+        parts.append(f"requests at {rpm:g}/min")
+    if tpm:
+        parts.append(f"input + maximum output tokens at {tpm:g}/min (as providers count "
+                     "max_tokens against TPM)")
+    parts.append(f"{concurrency} in flight at ~{latency_s:g}s each")
+    notes.append("time = the slowest of: " + "; ".join(parts)
+                 + "; retries and 429 back-off not included")
+    return notes
