@@ -55,7 +55,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
     if summary.outcome != "finished" and argv:
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)
-    _report(summary)
+    _report(summary, table=values.get("log_format") != "json")
     return summary.exit_code
 
 
@@ -66,7 +66,8 @@ def _resume_command(argv: str) -> str:
     return " ".join(parts)
 
 
-def _report(summary: RunSummary) -> None:
+def _report(summary: RunSummary, *, table: bool) -> None:
+    """Log the outcome; on console logs also draw the human table (JSON logs stay pure)."""
     from batcher.progress import render_summary
 
     log = get_logger()
@@ -74,7 +75,8 @@ def _report(summary: RunSummary) -> None:
              rows=summary.rows, ok=summary.ok, error=summary.error, skipped=summary.skipped,
              cost_usd=summary.cost_usd, duration_s=summary.duration_s,
              resume=summary.resume_command)
-    render_summary(summary, sys.stderr)
+    if table:
+        render_summary(summary, sys.stderr)
 
 
 def _run_async(coro: Any) -> Any:

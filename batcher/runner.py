@@ -199,7 +199,7 @@ class Runner:
             skip = store.done_ids(include_errors=not config.retry_failed)
             self.progress.total = total
             self.progress.already_done = len(skip)
-            store.update_meta(status="running", total_rows=total, run_id=self.run_id,
+            store.update_meta(status="running", total_rows=total,
                               started_at=started_at)
             self._log.info("run_started", input=str(config.input), output=str(config.output),
                            rows=total, already_done=len(skip), endpoint=config.endpoint,
