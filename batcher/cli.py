@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -103,6 +102,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+def _own_argv(fallback: list[str]) -> list[str]:
+    """This process's arguments when it is the batcher command (for the resume hint);
+    ``fallback`` when batcher is driven from Python."""
+    if Path(sys.argv[0]).name in ("batcher", "__main__.py"):
+        return sys.argv[1:]
+    return fallback
+
+
 def fail(exc: BaseException, code: int) -> None:
     click.echo(f"batcher: error: {exc}", err=True)
     sys.exit(code)
@@ -147,7 +154,7 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
     if dry_run:
         sys.exit(execute_estimate(input, values, as_json=as_json, sample=None))
     sys.exit(execute_run(input, output, values, show_progress=not no_progress,
-                         argv=shlex.join(sys.argv)))
+                         argv=_own_argv(["run", str(input), "-o", str(output)])))
 
 
 @cli.command()

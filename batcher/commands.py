@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import signal
 import sys
 import uuid
@@ -35,7 +36,7 @@ def _build_config(input: Path, output: Path | None, values: dict[str, Any]) -> R
 
 
 def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
-                show_progress: bool, argv: str | None = None) -> int:
+                show_progress: bool, argv: list[str] | None = None) -> int:
     """``batcher run``: returns the exit code PRODUCT.md defines."""
     run_id = uuid.uuid4().hex[:12]
     configure_logging(values.get("log_format") or "console", run_id=run_id)
@@ -59,11 +60,9 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
     return summary.exit_code
 
 
-def _resume_command(argv: str) -> str:
-    parts = [p for p in argv.split(" ") if p != "--restart"]
-    if parts and parts[0].endswith(("/batcher", "batcher")):
-        parts[0] = "batcher"
-    return " ".join(parts)
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: the same one, without --restart."""
+    return shlex.join(["batcher", *(a for a in argv if a != "--restart")])
 
 
 def _report(summary: RunSummary, *, table: bool) -> None:

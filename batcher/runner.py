@@ -212,7 +212,11 @@ class Runner:
                 outcome, message = "aborted", str(self._abort_error)
             elif self.stop_reason is not None:
                 outcome = "interrupted"
-            store.update_meta(status=outcome, bad_rows=self.progress.bad_rows)
+            meta: dict[str, object] = {"status": outcome, "bad_rows": self.progress.bad_rows}
+            if outcome == "finished":
+                # Now known: rows that can be answered (bad input rows are not pending).
+                meta["total_rows"] = total - self.progress.bad_rows
+            store.update_meta(**meta)  # type: ignore[arg-type]
             if outcome == "finished":
                 store.finalize()
         finally:

@@ -1,0 +1,520 @@
+"""Result rows ↔ journal records ↔ Arrow tables, durable Parquet parts and the final atomic output.
+
+Layers:
+
+- :func:`result_to_record` turns a :class:`~batcher.types.ResultRow` into a flat JSON-able dict,
+  one line of the append-only journal. The input's own columns are nested under the reserved key
+  :data:`COLUMNS_KEY` so they can never clash with result fields in the journal.
+- :func:`records_to_table` turns journal records into an Arrow table: the fixed
+  :data:`RESULT_SCHEMA` columns first, then the input's columns with inferred types.
+- :func:`write_part` writes records (streamed from a journal file) as one Parquet part, atomically.
+- :func:`write_final` merges parts into the final output atomically, one row per id, the latest
+  result per id winning; it streams record batches, holding only ids and keep-masks in memory.
+
+Input-column typing (per part): all-null → ``null``; bools → ``bool``; ints (int64 range) →
+``int64``; ints and floats → ``double``; strings → ``string``; anything mixed (or lists/dicts) →
+``string`` holding the JSON text of each value (``true``, ``1``, ``"a"`` → ``a``). Across parts
+types are unified with ``pa.unify_schemas(promote_options="permissive")`` per column (null
+promotes to anything, int64 to double); columns that still conflict become ``string``. An input
+column whose name equals a result column (``output``, ``status``, …) is carried as
+``input_<name>`` so it never overwrites the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batcher.types import JSON, ResultRow
+
+COLUMNS_KEY = "_columns"
+"""Journal key under which a result's input columns are nested."""
+
+_RESULT_FIELDS: list[pa.Field[Any]] = [
+    pa.field("id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("output", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("finish_reason_raw", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("reasoning_tokens", pa.int64()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("ttft_ms", pa.float64()),
+    pa.field("attempts", pa.int32()),
+    pa.field("http_status", pa.int32()),
+    pa.field("error", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("response_id", pa.string()),
+    pa.field("tool_calls", pa.string()),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("raw", pa.string()),
+    pa.field("completed_at", pa.timestamp("ms", tz="UTC")),
+]
+RESULT_SCHEMA: pa.Schema = pa.schema(_RESULT_FIELDS)
+"""The fixed result columns, in output order; the input's own columns follow them."""
+
+RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+_RESULT_SET = frozenset(RESULT_COLUMNS)
+
+PART_BATCH_ROWS = 8192
+"""Rows per Arrow batch (and Parquet row group) when streaming journals and parts."""
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> JSON:
+    # Input columns are "Parquet-friendly" but may still hold Decimal, bytes, numpy scalars…
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def result_to_record(r: ResultRow) -> dict[str, JSON]:
+    """One journal record: the result's fields flat, the input columns under :data:`COLUMNS_KEY`."""
+    return {
+        "id": r.id,
+        "status": r.status,
+        "output": r.output,
+        "finish_reason": r.finish_reason,
+        "finish_reason_raw": r.finish_reason_raw,
+        "model": r.model,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.total_tokens,
+        "cached_tokens": r.cached_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "cost_usd": r.cost_usd,
+        "latency_ms": r.latency_ms,
+        "ttft_ms": r.ttft_ms,
+        "attempts": r.attempts,
+        "http_status": r.http_status,
+        "error": r.error,
+        "error_type": r.error_type,
+        "response_id": r.response_id,
+        "tool_calls": r.tool_calls,
+        "embedding": r.embedding,
+        "raw": r.raw,
+        "completed_at": r.completed_at,
+        COLUMNS_KEY: dict(r.columns),
+    }
+
+
+def encode_records(records: Iterable[Mapping[str, JSON]]) -> bytes:
+    """Journal lines for ``records``: one orjson object per line, each ending in ``\\n``."""
+    return b"".join(
+        orjson.dumps(rec, default=_json_default, option=orjson.OPT_APPEND_NEWLINE)
+        for rec in records
+    )
+
+
+@dataclass(slots=True)
+class JournalScan:
+    """What reading a journal found: the good records' count and the lines thrown away."""
+
+    records: int = 0
+    discarded: int = 0
+
+
+def iter_journal(path: Path, scan: JournalScan | None = None) -> Iterator[dict[str, JSON]]:
+    """Yield the journal's complete records in order.
+
+    A line that does not end in a newline (torn by a crash mid-write) or does not parse as a JSON
+    object with a string ``id`` is skipped and counted in ``scan.discarded``; its id simply counts
+    as not done. The file is read line by line (memory stays flat).
+    """
+    scan = scan if scan is not None else JournalScan()
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                scan.discarded += 1
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                scan.discarded += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                scan.discarded += 1
+                continue
+            scan.records += 1
+            yield rec
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _kind(value: JSON) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if _INT64_MIN <= value <= _INT64_MAX else "other"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "other"
+
+
+_KIND_TYPES: dict[frozenset[str], pa.DataType] = {
+    frozenset(): pa.null(),
+    frozenset({"bool"}): pa.bool_(),
+    frozenset({"int"}): pa.int64(),
+    frozenset({"float"}): pa.float64(),
+    frozenset({"int", "float"}): pa.float64(),
+    frozenset({"str"}): pa.string(),
+}
+
+
+class ColumnTypes:
+    """Accumulates the value kinds seen per input column, in first-seen order, then names types."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, set[str]] = {}
+
+    def add(self, columns: Mapping[str, JSON]) -> None:
+        for name, value in columns.items():
+            kinds = self._kinds.setdefault(name, set())
+            kind = _kind(value)
+            if kind != "null":
+                kinds.add(kind)
+
+    def types(self) -> dict[str, pa.DataType]:
+        """Input column name → Arrow type (see the module docstring for the rules)."""
+        return {name: _KIND_TYPES.get(frozenset(kinds), pa.string())
+                for name, kinds in self._kinds.items()}
+
+
+def output_name(column: str) -> str:
+    """The output column name of input column ``column`` (``input_`` prefixed on a clash)."""
+    name = column
+    while name in _RESULT_SET:
+        name = "input_" + name
+    return name
+
+
+def _as_text(value: JSON) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value, default=_json_default).decode()
+
+
+def _timestamp(value: JSON) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def _int_or_none(value: JSON) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value: JSON) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _fixed_array(name: str, typ: pa.DataType, values: list[JSON]) -> pa.Array[Any]:
+    if name == "completed_at":
+        return pa.array([_timestamp(v) for v in values], type=typ)
+    if name == "embedding":
+        return pa.array([v if isinstance(v, list) else None for v in values], type=typ)
+    if pa.types.is_integer(typ):
+        return pa.array([_int_or_none(v) for v in values], type=typ)
+    if pa.types.is_floating(typ):
+        return pa.array([_float_or_none(v) for v in values], type=typ)
+    return pa.array([_as_text(v) for v in values], type=typ)
+
+
+def _input_array(typ: pa.DataType, values: list[JSON]) -> pa.Array[Any]:
+    if typ == pa.string():
+        return pa.array([_as_text(v) for v in values], type=typ)
+    if typ == pa.float64():
+        return pa.array([_float_or_none(v) for v in values], type=typ)
+    return pa.array(values, type=typ)
+
+
+def _table(records: Sequence[Mapping[str, JSON]], column_types: Mapping[str, pa.DataType]
+           ) -> pa.Table:
+    arrays: list[pa.Array[Any]] = []
+    fields: list[pa.Field[Any]] = []
+    for f in RESULT_SCHEMA:
+        arrays.append(_fixed_array(f.name, f.type, [rec.get(f.name) for rec in records]))
+        fields.append(f)
+    for name, typ in column_types.items():
+        values = [(rec.get(COLUMNS_KEY) or {}).get(name) for rec in records]
+        arrays.append(_input_array(typ, values))
+        fields.append(pa.field(output_name(name), typ))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def records_to_table(records: list[dict[str, JSON]]) -> pa.Table:
+    """An Arrow table of ``records`` (as made by :func:`result_to_record`).
+
+    Columns: :data:`RESULT_SCHEMA`, then every input column seen, in first-seen order, with the
+    types the module docstring describes; a column missing in a record is null there.
+    """
+    types = ColumnTypes()
+    for rec in records:
+        types.add(rec.get(COLUMNS_KEY) or {})
+    return _table(records, types.types())
+
+
+# --- durable files ------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames/creations/deletions in directory ``path`` durable (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; nothing more we can do
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(path: Path) -> Path:
+    """The temporary sibling a file is written to before it is renamed into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it over ``path`` and fsync the directory: all or nothing."""
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _chunks(it: Iterator[dict[str, JSON]], size: int) -> Iterator[list[dict[str, JSON]]]:
+    chunk: list[dict[str, JSON]] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_part(journal: Path, part: Path) -> JournalScan:
+    """Write journal ``journal`` as Parquet file ``part``, atomically (tmp + fsync + rename).
+
+    Two streaming passes over the journal (types first, then rows in batches of
+    :data:`PART_BATCH_ROWS`), so memory holds one batch, not the whole journal. When the journal
+    has no complete record, nothing is written and the scan says ``records == 0``.
+    """
+    types = ColumnTypes()
+    scan = JournalScan()
+    for rec in iter_journal(journal, scan):
+        types.add(rec.get(COLUMNS_KEY) or {})
+    if scan.records == 0:
+        return scan
+    column_types = types.types()
+    tmp = tmp_path_for(part)
+    try:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for chunk in _chunks(iter_journal(journal), PART_BATCH_ROWS):
+                table = _table(chunk, column_types)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        _commit(tmp, part)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return scan
+
+
+# --- the final output ---------------------------------------------------------------------
+
+
+def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """One schema for all ``schemas``: result columns first (fixed types), then input columns in
+    first-seen order, each unified permissively; a column whose types cannot be unified → string.
+    """
+    seen: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for f in schema:
+            if f.name not in _RESULT_SET:
+                seen.setdefault(f.name, []).append(f.type)
+    fields = list(RESULT_SCHEMA)
+    for name, types in seen.items():
+        try:
+            merged = pa.unify_schemas([pa.schema([(name, t)]) for t in types],
+                                      promote_options="permissive").field(name).type
+        except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            merged = pa.string()
+        fields.append(pa.field(name, merged))
+    return pa.schema(fields)
+
+
+def _conform_column(col: pa.Array[Any] | pa.ChunkedArray[Any], typ: pa.DataType) -> pa.Array[Any]:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.type == typ:
+        return arr
+    if typ == pa.string() and not pa.types.is_string(arr.type):
+        # Conflicting kinds across parts: keep every value, as JSON text (see module docstring).
+        return pa.array([_as_text(v) for v in arr.to_pylist()], type=typ)
+    return arr.cast(typ)
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with exactly ``schema``'s columns: cast where types differ, nulls where missing."""
+    names = set(batch.schema.names)
+    arrays = [
+        _conform_column(batch.column(f.name), f.type) if f.name in names
+        else pa.nulls(batch.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata of Parquet file ``path``'s schema (footer only; cheap)."""
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+
+
+def keep_masks(id_columns: Sequence[pa.ChunkedArray[Any] | pa.Array[Any]]) -> list[pa.Array[Any]]:
+    """For ids of several sources (oldest first), a mask per source keeping only the latest row
+    of each id across all sources. Vectorised (Arrow group-by), so only ids are held in memory.
+    """
+    offsets: list[int] = []
+    total = 0
+    for ids in id_columns:
+        offsets.append(total)
+        total += len(ids)
+    if total == 0:
+        return [pa.array([], type=pa.bool_()) for _ in id_columns]
+    all_ids = pa.chunked_array(
+        [c for ids in id_columns
+         for c in (ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids])],
+        type=pa.string())
+    order = pa.array(range(total), type=pa.int64())
+    latest = (pa.table({"id": all_ids, "n": order})
+              .group_by("id", use_threads=False).aggregate([("n", "max")])["n_max"])
+    masks: list[pa.Array[Any]] = []
+    for start, ids in zip(offsets, id_columns, strict=True):
+        positions = pa.array(range(start, start + len(ids)), type=pa.int64())
+        masks.append(pc.is_in(positions, value_set=latest))
+    return masks
+
+
+class UnreadableSource(Exception):
+    """A Parquet source (a part or the previous output) could not be read; ``path`` names it."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"{path}: {cause}")
+        self.path = path
+
+
+def _read_guard(path: Path) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        try:
+            yield
+        except (OSError, pa.ArrowException) as exc:
+            raise UnreadableSource(path, exc) from exc
+    return guard()
+
+
+def _batches(pf: pq.ParquetFile, path: Path) -> Iterator[pa.RecordBatch]:
+    it = pf.iter_batches(batch_size=PART_BATCH_ROWS)
+    while True:
+        with _read_guard(path):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def write_final(sources: Sequence[Path], output: Path,
+                metadata: Mapping[str, str] | None = None) -> int:
+    """Merge Parquet ``sources`` (oldest first) into ``output`` atomically; returns its row count.
+
+    One row per id: the latest source's row of an id wins (within a source, the later row).
+    The output is written to a temporary sibling, fsynced, then renamed over ``output``, so a
+    reader sees the old file or the new one, never a partial one. Streams record batches;
+    memory holds the ids and keep-masks, plus one batch.
+    Raises :class:`UnreadableSource` naming a source that fails to read (``output`` is then
+    untouched); errors writing the output propagate as they are. ``metadata`` is stored as the
+    output schema's key-value metadata (the state uses it to recognise its own output).
+    """
+    files: list[pq.ParquetFile] = []
+    try:
+        ids = []
+        for src in sources:
+            with _read_guard(src):
+                pf = pq.ParquetFile(src)
+                files.append(pf)
+                ids.append(pf.read(columns=["id"])["id"])
+        schema = unify([f.schema_arrow for f in files])
+        if metadata:
+            schema = schema.with_metadata(dict(metadata))
+        masks = keep_masks(ids)
+        del ids
+        tmp = tmp_path_for(output)
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for src, pf, mask in zip(sources, files, masks, strict=True):
+                    offset = 0
+                    for batch in _batches(pf, src):
+                        keep = mask.slice(offset, batch.num_rows)
+                        offset += batch.num_rows
+                        kept = batch.filter(keep)
+                        if kept.num_rows:
+                            writer.write_batch(conform(kept, schema))
+                            rows += kept.num_rows
+                if rows == 0:
+                    writer.write_table(schema.empty_table())
+            _commit(tmp, output)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    finally:
+        for pf in files:
+            pf.close()
+    return rows
