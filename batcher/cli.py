@@ -14,7 +14,6 @@ import orjson
 from batcher import __version__
 from batcher.config import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT, ENDPOINTS
 from batcher.errors import BatcherError, ConfigError
-from batcher.log import LogFormat, configure_logging
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -218,7 +217,3 @@ def main() -> None:
         cli.main(standalone_mode=True)
     except BatcherError as exc:  # pragma: no cover - commands catch their own
         fail(exc, exc.exit_code)
-
-
-def setup_logging(log_format: LogFormat | None, **context: object) -> None:
-    configure_logging(log_format or "console", **context)

@@ -8,8 +8,9 @@ import shlex
 import signal
 import sys
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -19,6 +20,7 @@ from batcher.log import configure_logging, get_logger
 from batcher.runner import Runner, RunSummary, write_summary
 
 _NOT_CONFIG = ("log_format",)
+T = TypeVar("T")
 
 
 def _fail(exc: BaseException, code: int) -> int:
@@ -39,13 +41,13 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
                 show_progress: bool, argv: list[str] | None = None) -> int:
     """``batcher run``: returns the exit code PRODUCT.md defines."""
     run_id = uuid.uuid4().hex[:12]
-    configure_logging(values.get("log_format") or "console", run_id=run_id)
+    configure_logging(values.get("log_format") or "console", {"run_id": run_id})
     try:
         config = _build_config(input, output, values)
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
-    configure_logging(values.get("log_format") or "console", run_id=run_id,
-                      **({"job": config.job} if config.job else {}))
+    configure_logging(values.get("log_format") or "console",
+                      {"run_id": run_id, **({"job": config.job} if config.job else {})})
     runner = Runner(config, run_id=run_id)
     progress_on = show_progress and sys.stderr.isatty()
     try:
@@ -78,7 +80,7 @@ def _report(summary: RunSummary, *, table: bool) -> None:
         render_summary(summary, sys.stderr)
 
 
-def _run_async(coro: Any) -> Any:
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     from batcher.cli import run_async
 
     return run_async(coro)

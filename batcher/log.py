@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Literal
 
 import orjson
@@ -16,8 +17,8 @@ def _dumps(obj: object, **_: object) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
-def configure_logging(fmt: LogFormat = "console", *, level: int = logging.INFO,
-                      **context: object) -> None:
+def configure_logging(fmt: LogFormat = "console", context: Mapping[str, object] | None = None,
+                      *, level: int = logging.INFO) -> None:
     """Send every log line to stderr in ``fmt``; ``context`` (e.g. run_id, job) is bound to
     every line. JSON lines carry at least ``event``, ``level``, ``timestamp``, ``run_id``."""
     renderer: structlog.typing.Processor
@@ -38,7 +39,7 @@ def configure_logging(fmt: LogFormat = "console", *, level: int = logging.INFO,
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**context)
+    structlog.contextvars.bind_contextvars(**(context or {}))
 
 
 def get_logger() -> structlog.typing.FilteringBoundLogger:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 from tenacity import (
     AsyncRetrying,
@@ -42,13 +44,15 @@ class wait_advised_or_jitter(wait_base):
         return self.rng.uniform(0.0, ceiling)
 
 
-def retrying(max_attempts: int, *, base: float = BACKOFF_BASE,
-             cap: float = BACKOFF_CAP) -> AsyncRetrying:
+def retrying(max_attempts: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+             sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
     """A fresh policy for one row: at most ``max_attempts`` sends; only :class:`Retryable`
-    errors are retried; the last error is re-raised as itself."""
+    errors are retried; the last error is re-raised as itself. ``sleep`` waits between
+    attempts (the runner's ends early when the job stops)."""
     return AsyncRetrying(
         stop=stop_after_attempt(max_attempts),
         retry=retry_if_exception_type(Retryable),
         wait=wait_advised_or_jitter(base, cap),
         reraise=True,
+        sleep=sleep,
     )

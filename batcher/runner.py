@@ -216,7 +216,7 @@ class Runner:
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
                 meta["total_rows"] = total - self.progress.bad_rows
-            store.update_meta(**meta)  # type: ignore[arg-type]
+            store.update_meta(**meta)
             if outcome == "finished":
                 store.finalize()
         finally:
@@ -402,8 +402,7 @@ class Runner:
         started = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
-        policy = retrying(self.config.max_attempts)
-        policy.sleep = self._sleep  # type: ignore[method-assign]
+        policy = retrying(self.config.max_attempts, sleep=self._sleep)
         try:
             async for attempt in policy:
                 with attempt:
@@ -448,6 +447,7 @@ class Runner:
         finally:
             self._sending.discard(task)
         # No await from here to delivery: a stop cannot lose an answer that was paid for.
+        assert response is not None  # the loop only ends without raising after a parse
         self._last_success = loop.time()
         throttle.on_success(response.headers)
         throttle.settle_tokens(tokens, answer.usage.total_tokens)

@@ -65,7 +65,7 @@ def test_sigkill_at_random_moments_then_resume_is_exactly_once(
         proc.communicate(timeout=10)
         kills += 1
     proc = _start(sim, src, out, "--concurrency", str(concurrency))
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     _assert_exactly_once(out, [r["id"] for r in rows])
     # only requests in flight at the instant of a kill may have been paid twice

@@ -1,0 +1,29 @@
+"""The local OpenAI-compatible simulator: a fake provider to rehearse jobs and to test against.
+
+Public API (also importable from :mod:`batcher.simulate`): :class:`SimConfig`,
+:func:`sim_config_from`, :data:`SIM_OPTIONS`, :func:`make_app`, :data:`STATS_KEY`,
+:class:`Stats`, :class:`SimulatorThread` and :func:`serve`. The wire formats and token rule
+are described in :mod:`batcher.simulator.wire` (requests: :mod:`batcher.simulator.parse`),
+the order of checks in
+:mod:`batcher.simulator.app`, rate-limit slices in :mod:`batcher.simulator.limits`.
+"""
+
+from batcher.simulator.app import STATS_KEY, make_app
+from batcher.simulator.config import SIM_OPTIONS, SimConfig, SimOption, sim_config_from
+from batcher.simulator.run import SimulatorThread, serve
+from batcher.simulator.stats import Stats
+from batcher.simulator.wire import answer_text, count_tokens
+
+__all__ = [
+    "SIM_OPTIONS",
+    "STATS_KEY",
+    "SimConfig",
+    "SimOption",
+    "SimulatorThread",
+    "Stats",
+    "answer_text",
+    "count_tokens",
+    "make_app",
+    "serve",
+    "sim_config_from",
+]

@@ -1,0 +1,74 @@
+"""What the simulator saw and answered: live counters, readable from any thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of one simulator app, mutated only by its event loop.
+
+    - ``requests``: API requests received (``/_stats`` and ``/v1/models`` not counted);
+      ``by_path`` the same split by URL path (never the query string).
+    - ``by_status``: answers sent, by HTTP status (a cut stream counts under its 200);
+      dropped and hung requests are not answers: they count in ``faults`` only.
+    - ``ok``: successful answers fully sent (2xx with a valid body; a 200 with an invalid
+      body or a cut stream is not ok). ``prompt_tokens``/``completion_tokens`` sum the usage
+      those answers reported; ``usage_by_model`` splits it by the model answered, with
+      ``requests`` counting ok answers.
+    - ``faults``: injected faults by kind (``500``, ``429``, ``drop``, ``hang``, …), random
+      or scripted; ``rate_limited`` the 429s from rpm/tpm enforcement.
+    - ``resent_after_ok``: requests whose raw body (sha1) had already got an ok answer —
+      i.e. work the client paid for twice.
+    - ``in_flight`` / ``max_in_flight``: requests being handled now / at most at once.
+
+    Another thread may read the fields or call :meth:`as_dict` at any time (a consistent
+    enough snapshot: each container is copied atomically under the GIL).
+    """
+
+    requests: int = 0
+    ok: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    by_path: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    resent_after_ok: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def record_ok(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.ok += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        per = self.usage_by_model.get(model)
+        if per is None:
+            per = self.usage_by_model[model] = {
+                "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+        per["prompt_tokens"] += prompt_tokens
+        per["completion_tokens"] += completion_tokens
+        per["requests"] += 1
+
+    def count_fault(self, kind: str) -> None:
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready snapshot (``by_status`` keys become strings, as JSON requires)."""
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "by_status": {str(k): v for k, v in sorted(dict(self.by_status).items())},
+            "by_path": dict(self.by_path),
+            "faults": dict(self.faults),
+            "rate_limited": self.rate_limited,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "usage_by_model": {m: dict(u) for m, u in list(self.usage_by_model.items())},
+            "resent_after_ok": self.resent_after_ok,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        }
