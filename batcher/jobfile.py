@@ -127,7 +127,8 @@ def _load(path: Path, cli_values: Mapping[str, Any],
     doc = _read_toml(path)
     _refuse_secrets(where, doc)
     raw = _normalise_keys(where, doc)
-    file_values = {key: _check_value(where, key, value) for key, value in raw.items()}
+    file_values = {key: _check_value(where, key, written, value)
+                   for key, (written, value) in raw.items()}
 
     models: list[str] | None = file_values.pop("models", None)
     prices: dict[str, dict[str, float]] = file_values.pop("prices", {})
@@ -229,10 +230,11 @@ def _allowed_keys() -> list[str]:
     return config + extra
 
 
-def _normalise_keys(where: str, doc: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level keys with dashes read as underscores; unknown ones refused with a suggestion."""
+def _normalise_keys(where: str, doc: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Top-level key (dashes read as underscores) → (key as written, value); unknown keys
+    refused with a suggestion."""
     allowed = _allowed_keys()
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[str, Any]] = {}
     for written, value in doc.items():
         key = written.replace("-", "_")
         if key not in allowed:
@@ -240,7 +242,7 @@ def _normalise_keys(where: str, doc: Mapping[str, Any]) -> dict[str, Any]:
         if key in out:
             raise ConfigError(f"{where}: key {key!r} is given twice (dashes and underscores "
                               f"are the same)")
-        out[key] = value
+        out[key] = (written, value)
     return out
 
 
@@ -277,36 +279,37 @@ def _kind_of(hint: Any) -> Kind:
     return "any"
 
 
-def _check_value(where: str, key: str, value: Any) -> Any:
-    """The value of top-level ``key`` checked for type; tables and lists checked inside."""
+def _check_value(where: str, key: str, written: str, value: Any) -> Any:
+    """The value of top-level ``key`` checked for type; tables and lists checked inside.
+    Messages name the key as ``written`` in the file."""
     if key == "models":
         return _check_models(where, value)
     if key == "prices":
         return _check_prices(where, value)
     if key == "params":
-        _expect(where, key, value, "table")
+        _expect(where, written, value, "table")
         for name, item in value.items():
-            _check_json(where, f"params.{name}", item)
+            _check_json(where, f"{written}.{name}", item)
         return dict(value)
     if key == "headers":
-        _expect(where, key, value, "table")
+        _expect(where, written, value, "table")
         for name, item in value.items():
-            _expect(where, f"headers.{name}", item, "string")
+            _expect(where, f"{written}.{name}", item, "string")
         return dict(value)
     if key == "log_format":
-        _expect(where, key, value, "string")
+        _expect(where, written, value, "string")
         if value not in _LOG_FORMATS:
             raise ConfigError(f"{where}: 'log_format' must be one of {', '.join(_LOG_FORMATS)}, "
                               f"got {value!r}")
         return value
     if key == "no_progress":
-        return _expect(where, key, value, "bool")
+        return _expect(where, written, value, "bool")
     if key == "name":
-        _expect(where, key, value, "string")
+        _expect(where, written, value, "string")
         if not value.strip():
             raise ConfigError(f"{where}: 'name' must not be empty")
         return value
-    value = _expect(where, key, value, _config_kinds().get(key, "any"))
+    value = _expect(where, written, value, _config_kinds().get(key, "any"))
     if key == "api_key_env" and not _ENV_NAME.fullmatch(value):
         raise ConfigError(f"{where}: 'api_key_env' must be the name of an environment variable "
                           f"(letters, digits, _), not the key itself")

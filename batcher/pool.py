@@ -50,7 +50,7 @@ class Transport:
         started = time.perf_counter()
         try:
             async with session.request(request.method, request.url, data=request.body,
-                                       headers=dict(request.headers)) as resp:
+                                       headers=request.headers) as resp:
                 ttft_ms: float | None = None
                 if request.stream:
                     chunks: list[bytes] = []
@@ -61,8 +61,8 @@ class Transport:
                     body = b"".join(chunks)
                 else:
                     body = await resp.read()
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                return HttpResponse(resp.status, headers, body, ttft_ms)
+                # aiohttp's header mapping is case-insensitive: no copy needed.
+                return HttpResponse(resp.status, resp.headers, body, ttft_ms)
         except TimeoutError as exc:
             raise TransportError(f"no complete answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientPayloadError as exc:

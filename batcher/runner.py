@@ -41,7 +41,7 @@ from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.pricing import Budget, Price, cost_usd, max_cost_usd, price_for
-from batcher.providers import get_provider, provider_for_row
+from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.retry import retrying
 from batcher.tokens import request_input_tokens, request_max_output_tokens
 from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, ResultRow
@@ -384,7 +384,7 @@ class Runner:
                 return None
         actual_cost = 0.0
         try:
-            result = await self._send_with_retries(row, request, transport,
+            result = await self._send_with_retries(row, provider, request, transport,
                                                    input_tokens + max_output)
             actual_cost = result.cost_usd or 0.0 if result is not None else 0.0
             return result
@@ -392,54 +392,47 @@ class Runner:
             if config.max_cost is not None:
                 self._budget.settle(reserved, actual_cost)
 
-    async def _send_with_retries(self, row: RequestRow, request: HttpRequest,
-                                 transport: Transport, tokens: int) -> ResultRow | None:
-        throttle = self._throttle
-        assert throttle is not None
-        loop = asyncio.get_running_loop()
-        attempts = 0
-        response: HttpResponse | None = None
+    async def _send_with_retries(self, row: RequestRow, provider: Provider,
+                                 request: HttpRequest, transport: Transport,
+                                 tokens: int) -> ResultRow | None:
+        """Send until answered, a non-retryable error, or ``max_attempts`` sends.
+
+        The first attempt runs outside tenacity (the common case, and tenacity's
+        bookkeeping costs about as much as our own per-row work); only after a retryable
+        error does the policy take over, its first "attempt" replaying that error so that
+        waits and attempt counts are tenacity's."""
         started = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
-        policy = retrying(self.config.max_attempts, sleep=self._sleep)
+        attempts = 0
+        response: HttpResponse | None = None
+        first_error: Retryable | None = None
         try:
-            async for attempt in policy:
-                with attempt:
-                    if self.stop_reason is not None:
-                        raise _StopRequested
-                    await throttle.acquire(tokens)
-                    attempts += 1
-                    if attempts > 1:
+            try:
+                attempts = 1
+                response, answer = await self._attempt(row, provider, request, transport,
+                                                       tokens, task)
+            except Retryable as exc:
+                if self.config.max_attempts == 1:
+                    raise
+                first_error = exc
+            if first_error is not None:
+                async for attempt in retrying(self.config.max_attempts, sleep=self._sleep):
+                    with attempt:
+                        if first_error is not None:
+                            replay, first_error = first_error, None
+                            raise replay
+                        if self.stop_reason is not None:
+                            raise _StopRequested
+                        attempts += 1
                         self.progress.retries += 1
-                    async with throttle.slot():
-                        self._sending.add(task)
-                        self.progress.in_flight += 1
-                        try:
-                            response = await transport.send(request)
-                        finally:
-                            self.progress.in_flight -= 1
-                    provider = provider_for_row(row, self.config.endpoint)
-                    try:
-                        answer = provider.parse_response(request, response)
-                    except RateLimited as exc:
-                        self.progress.rate_limited += 1
-                        wait = throttle.on_rate_limited(exc.retry_after)
-                        self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
-                        raise
-                    except Retryable:
-                        self._check_server_down(loop.time())
-                        raise
+                        response, answer = await self._attempt(row, provider, request,
+                                                               transport, tokens, task)
         except JobFatal as exc:
             self._abort(exc)
             return None
         except _StopRequested:
             return None
-        except Retryable as exc:
-            self._check_server_down(loop.time())
-            return self._error_row(row, exc.message, exc.kind, attempts=attempts,
-                                   status=exc.status, latency_ms=_ms_since(started),
-                                   response=response)
         except ProviderError as exc:
             return self._error_row(row, exc.message, exc.kind, attempts=attempts,
                                    status=exc.status, latency_ms=_ms_since(started),
@@ -447,11 +440,44 @@ class Runner:
         finally:
             self._sending.discard(task)
         # No await from here to delivery: a stop cannot lose an answer that was paid for.
-        assert response is not None  # the loop only ends without raising after a parse
-        self._last_success = loop.time()
+        assert response is not None  # the successful attempt set it
+        return self._ok_row(row, request, response, answer, attempts, _ms_since(started))
+
+    async def _attempt(self, row: RequestRow, provider: Provider, request: HttpRequest,
+                       transport: Transport, tokens: int,
+                       task: asyncio.Task[None]) -> tuple[HttpResponse, Answer]:
+        """One send and parse; feeds the throttle; raises the typed error of a failure."""
+        throttle = self._throttle
+        assert throttle is not None
+        await throttle.acquire(tokens)
+        if self.stop_reason is not None:
+            raise _StopRequested
+        progress = self.progress
+        async with throttle.slot():
+            self._sending.add(task)
+            progress.in_flight += 1
+            try:
+                response = await transport.send(request)
+            except Retryable:
+                self._check_server_down()
+                raise
+            finally:
+                progress.in_flight -= 1
+        try:
+            answer = provider.parse_response(request, response)
+        except RateLimited as exc:
+            progress.rate_limited += 1
+            wait = throttle.on_rate_limited(exc.retry_after)
+            self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
+            self._check_server_down()
+            raise
+        except Retryable:
+            self._check_server_down()
+            raise
+        self._last_success = asyncio.get_running_loop().time()
         throttle.on_success(response.headers)
         throttle.settle_tokens(tokens, answer.usage.total_tokens)
-        return self._ok_row(row, request, response, answer, attempts, _ms_since(started))
+        return response, answer
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff sleep that ends early (and gives the row up) when the job stops."""
@@ -461,8 +487,8 @@ class Runner:
             return
         raise _StopRequested
 
-    def _check_server_down(self, now: float) -> None:
-        quiet = now - self._last_success
+    def _check_server_down(self) -> None:
+        quiet = asyncio.get_running_loop().time() - self._last_success
         if quiet > self.config.server_down_after:
             self._abort(ServerDown(
                 f"the server looks down: no request has succeeded for {quiet:.0f} s "

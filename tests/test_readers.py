@@ -380,6 +380,22 @@ def test_parquet_messages_as_structs_or_json_text(tmp_path: Path) -> None:
     assert [(p.line, p.field) for p in problems] == [(2, "messages")]
 
 
+def test_parquet_template_and_batch_rows(tmp_path: Path) -> None:
+    path = parquet(tmp_path / "t.parquet", {"id": [1, 2], "text": ["a", "b"], "n": [3, None]})
+    rows, problems = read_all(path, ReaderOptions(template="{text}/{n}"))
+    assert [(r.id, r.shape, r.prompt) for r in rows] == [("1", "template", "a/3")]
+    assert [(p.line, p.field) for p in problems] == [(2, "n")]
+
+    body = {"model": "m", "input": "hello"}
+    path = parquet(tmp_path / "b.parquet", {
+        "custom_id": ["x"], "method": ["POST"], "url": ["/v1/embeddings"],
+        "body": [orjson.dumps(body).decode()], "gold": ["g"]})
+    rows, problems = read_all(path)
+    assert problems == []
+    assert (rows[0].id, rows[0].shape, rows[0].body, rows[0].model, dict(rows[0].columns)) == (
+        "x", "batch", body, "m", {"gold": "g"})
+
+
 def test_parquet_shape_needs_a_known_column(tmp_path: Path) -> None:
     path = parquet(tmp_path / "in.parquet", {"id": ["a"], "text": ["x"]})
     with pytest.raises(InputError, match=r"cannot tell the row shape.*id, text"):

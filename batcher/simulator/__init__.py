@@ -2,9 +2,9 @@
 
 Public API (also importable from :mod:`batcher.simulate`): :class:`SimConfig`,
 :func:`sim_config_from`, :data:`SIM_OPTIONS`, :func:`make_app`, :data:`STATS_KEY`,
-:class:`Stats`, :class:`SimulatorThread` and :func:`serve`. The wire formats and token rule
-are described in :mod:`batcher.simulator.wire` (requests: :mod:`batcher.simulator.parse`),
-the order of checks in
+:class:`Stats`, :class:`SimulatorThread` and :func:`serve`. Wire formats and the token rule
+are described in :mod:`batcher.simulator.wire` (request checks in
+:mod:`batcher.simulator.parse`), the order of checks and faults in
 :mod:`batcher.simulator.app`, rate-limit slices in :mod:`batcher.simulator.limits`.
 """
 

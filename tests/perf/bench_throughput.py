@@ -1,0 +1,140 @@
+"""Throughput and memory benchmarks for `batcher run` (plain script; prints figures).
+
+    python tests/perf/bench_throughput.py                 # all scenarios
+    python tests/perf/bench_throughput.py fast            # 20,000 rows, server answers at once
+    python tests/perf/bench_throughput.py latency         # 200 ms latency, --concurrency 256
+    python tests/perf/bench_throughput.py memory          # peak RSS, 20,000 vs 200,000 rows
+
+The simulator runs in its own process pinned to CPU 1, the client pinned to CPU 0 (taskset),
+so "rows/s with the client on one core" is what is measured. Everything is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pinned(cpu: int, cmd: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
+        return ["taskset", "-c", str(cpu), *cmd]
+    return cmd
+
+
+def start_simulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(pinned(1, [sys.executable, "-m", "batcher", "simulate", "--port",
+                                       str(port), *args]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("simulator did not start")
+
+
+def make_input(folder: Path, rows: int) -> Path:
+    path = folder / f"in-{rows}.jsonl"
+    with path.open("wb") as f:
+        for i in range(rows):
+            f.write(orjson.dumps({"id": f"row-{i:08d}",
+                                  "prompt": f"Classify item {i}: is it a fruit or a tool?"}))
+            f.write(b"\n")
+    return path
+
+
+def run_client(src: Path, out: Path, base_url: str, *extra: str) -> tuple[float, dict[str, object],
+                                                                           int]:
+    """Run the CLI pinned to CPU 0; returns (wall seconds, summary, peak RSS in KiB)."""
+    cmd = pinned(0, [sys.executable, "-c",
+                     "import resource, sys, runpy; sys.argv = ['batcher'] + sys.argv[1:];"
+                     "code = 0\n"
+                     "try:\n runpy.run_module('batcher', run_name='__main__')\n"
+                     "except SystemExit as e:\n code = e.code or 0\n"
+                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+                     "sys.exit(code)",
+                     "run", str(src), "-o", str(out), "--base-url", base_url,
+                     "--model", "gpt-4o-mini", "--no-progress", "--log-format", "json", *extra])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    rss_kib = int(proc.stderr.strip().splitlines()[-1])
+    summary = json.loads(out.with_name(out.stem + ".summary.json").read_text())
+    return wall, summary, rss_kib
+
+
+def bench_fast(tmp: Path, rows: int = 20_000) -> None:
+    sim, url = start_simulator()
+    try:
+        src = make_input(tmp, rows)
+        wall, summary, _ = run_client(src, tmp / "fast.parquet", url, "--concurrency", "64")
+        duration = float(summary["duration_s"])  # type: ignore[arg-type]
+        print(f"fast: {rows:,} rows, zero-latency server: {rows / duration:,.0f} rows/s "
+              f"(run {duration:.2f} s; whole process incl. start-up {wall:.2f} s, "
+              f"{rows / wall:,.0f} rows/s)")
+    finally:
+        sim.kill()
+
+
+def bench_latency(tmp: Path, rows: int = 6_400) -> None:
+    sim, url = start_simulator("--latency-ms", "200")
+    try:
+        src = make_input(tmp, rows)
+        _, summary, _ = run_client(src, tmp / "lat.parquet", url, "--concurrency", "256")
+        duration = float(summary["duration_s"])  # type: ignore[arg-type]
+        ideal = 256 / 0.2
+        rate = rows / duration
+        print(f"latency: {rows:,} rows, 200 ms, concurrency 256: {rate:,.0f} rows/s = "
+              f"{rate / ideal:.1%} of the {ideal:,.0f} rows/s Little's law allows")
+    finally:
+        sim.kill()
+
+
+def bench_memory(tmp: Path) -> None:
+    sim, url = start_simulator()
+    try:
+        peaks = {}
+        for rows in (20_000, 200_000):
+            src = make_input(tmp, rows)
+            _, _, rss = run_client(src, tmp / f"mem-{rows}.parquet", url, "--concurrency", "64")
+            peaks[rows] = rss / 1024
+            print(f"memory: {rows:,} rows: peak RSS {rss / 1024:,.0f} MiB")
+        print(f"memory: ratio 200k/20k = {peaks[200_000] / peaks[20_000]:.2f}")
+    finally:
+        sim.kill()
+
+
+def main() -> None:
+    which = sys.argv[1:] or ["fast", "latency", "memory"]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in which:
+            {"fast": bench_fast, "latency": bench_latency, "memory": bench_memory}[name](tmp)
+    _ = resource  # imported for the child's snippet documentation
+
+
+if __name__ == "__main__":
+    main()
