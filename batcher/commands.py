@@ -8,18 +8,23 @@ import shlex
 import signal
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from batcher.checkpoint import status
 from batcher.config import RunConfig, make_config
 from batcher.errors import BatcherError, ConfigError
-from batcher.log import configure_logging, get_logger
+from batcher.estimate import EstimateReport, estimate
+from batcher.io.readers import ReaderOptions, iter_batches
+from batcher.jobfile import is_job_file, job_outputs, load_job
+from batcher.log import LogFormat, configure_logging, get_logger
 from batcher.runner import Runner, RunSummary, write_summary
+from batcher.types import RequestContext, RequestRow
 
-_NOT_CONFIG = ("log_format",)
+_NOT_CONFIG = ("log_format", "no_progress")
 T = TypeVar("T")
 
 
@@ -28,25 +33,45 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
-def _build_config(input: Path, output: Path | None, values: dict[str, Any]) -> RunConfig:
-    if output is None:
+def _build_config(values: dict[str, Any]) -> RunConfig:
+    if values.get("output") is None:
         raise ConfigError("-o/--output is required (the Parquet file to write)")
-    merged = {k: v for k, v in values.items() if k not in _NOT_CONFIG}
-    merged["input"] = input
-    merged["output"] = output
-    return make_config(merged)
+    return make_config({k: v for k, v in values.items() if k not in _NOT_CONFIG})
 
 
 def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
                 show_progress: bool, argv: list[str] | None = None) -> int:
-    """``batcher run``: returns the exit code PRODUCT.md defines."""
-    run_id = uuid.uuid4().hex[:12]
-    configure_logging(values.get("log_format") or "console", {"run_id": run_id})
+    """``batcher run``: one job, or every run of a job file's model matrix. Returns the exit
+    code PRODUCT.md defines; for a matrix the worst one (a usage error or an interrupt stops
+    the matrix at once)."""
+    if not is_job_file(input):
+        return _execute_one({**values, "input": input, "output": output},
+                            show_progress=show_progress, argv=argv)
     try:
-        config = _build_config(input, output, values)
+        runs = load_job(input, {**values, "output": output})
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
-    configure_logging(values.get("log_format") or "console",
+    worst = 0
+    for job_run in runs:
+        run_values = {**job_run.values, "prices": job_run.prices or None}
+        quiet = bool(run_values.pop("no_progress", False))
+        code = _execute_one(run_values, show_progress=show_progress and not quiet, argv=argv)
+        worst = max(worst, code)
+        if code in (2, 130, 143):
+            break
+    return worst
+
+
+def _execute_one(values: dict[str, Any], *, show_progress: bool,
+                 argv: list[str] | None) -> int:
+    run_id = uuid.uuid4().hex[:12]
+    log_format: LogFormat = "json" if values.get("log_format") == "json" else "console"
+    configure_logging(log_format, {"run_id": run_id})
+    try:
+        config = _build_config(values)
+    except BatcherError as exc:
+        return _fail(exc, exc.exit_code)
+    configure_logging(log_format,
                       {"run_id": run_id, **({"job": config.job} if config.job else {})})
     runner = Runner(config, run_id=run_id)
     progress_on = show_progress and sys.stderr.isatty()
@@ -58,7 +83,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
     if summary.outcome != "finished" and argv:
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)
-    _report(summary, table=values.get("log_format") != "json")
+    _report(summary, table=log_format != "json")
     return summary.exit_code
 
 
@@ -110,54 +135,66 @@ async def _run_with_signals(runner: Runner, progress_on: bool) -> RunSummary:
 
 def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
                      sample: int | None) -> int:
-    """``batcher estimate`` / ``run --dry-run``: nothing is sent (unless ``sample``)."""
-    from batcher.estimate import estimate
-    from batcher.io.readers import ReaderOptions, iter_batches
-    from batcher.types import RequestContext
-
-    configure_logging(values.get("log_format") or "console")
+    """``batcher estimate`` / ``run --dry-run``: nothing is sent (unless ``sample``). For a
+    job file, one estimate per run of its matrix (JSON: a list)."""
+    configure_logging("json" if values.get("log_format") == "json" else "console")
     try:
-        config = _build_config(input, Path("estimate.parquet"), values)
-        options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
-                                template=config.template)
-        ctx = RequestContext(base_url=config.base_url, model=config.model,
-                             system=config.system, params=dict(config.params))
-        bad = 0
-
-        def rows() -> Any:
-            nonlocal bad
-            for batch in iter_batches(config.input, options):
-                bad += len(batch.problems)
-                yield from batch.rows
-
-        row_iter: Any = rows()
-        report = estimate(row_iter, ctx, config.endpoint, bad_rows=0, rpm=config.rpm,
-                          tpm=config.tpm, concurrency=config.concurrency,
-                          price_input=config.price_input, price_output=config.price_output)
-        report.bad_rows = bad
+        if is_job_file(input):
+            runs = [{**r.values, "prices": r.prices or None}
+                    for r in load_job(input, {**values, "output": values.get("output")})]
+        else:
+            runs = [{**values, "input": input, "output": Path("estimate.parquet")}]
+        reports = []
+        for run_values in runs:
+            run_values.setdefault("output", Path("estimate.parquet"))
+            config = _build_config(run_values)
+            if sample:
+                raise ConfigError("--sample is not available yet")
+            reports.append(estimate_job(config))
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
-    if sample:
-        return _fail(ConfigError("--sample is not available yet"), 2)
     if as_json:
-        print(orjson.dumps(report.to_json()).decode())
+        docs = [r.to_json() for r in reports]
+        print(orjson.dumps(docs[0] if len(docs) == 1 else docs).decode())
     else:
-        print(report.render())
+        print("\n\n".join(r.render() for r in reports))
     return 0
 
 
-def execute_status(output: Path, *, as_json: bool) -> int:
-    """``batcher status``: from the state beside the output; works mid-run."""
-    from batcher.checkpoint import status
+def estimate_job(config: RunConfig) -> EstimateReport:
+    """The dry-run report for one configured job: reads the input, sends nothing."""
+    options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
+                            template=config.template)
+    ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
+                         params=dict(config.params))
+    bad = 0
 
+    def rows() -> Iterator[RequestRow]:
+        nonlocal bad
+        for batch in iter_batches(config.input, options):
+            bad += len(batch.problems)
+            yield from batch.rows
+
+    report = estimate(rows(), ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,
+                      concurrency=config.concurrency, price_input=config.price_input,
+                      price_output=config.price_output, prices_table=config.prices)
+    report.bad_rows = bad
+    return report
+
+
+def execute_status(target: Path, *, as_json: bool) -> int:
+    """``batcher status``: an output's state (works mid-run), or every output of a job file."""
     try:
-        info = status(output)
+        outputs = job_outputs(target) if is_job_file(target) else [target]
+        infos = [status(output) for output in outputs]
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
     if as_json:
-        print(orjson.dumps(info).decode())
-    else:
+        print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
+        return 0
+    for info in infos:
         width = max(len(k) for k in info)
         for key, value in info.items():
             print(f"{key:<{width}}  {value}")
+        print()
     return 0

@@ -48,6 +48,8 @@ class RunConfig:
     max_cost: float | None = None
     price_input: float | None = None
     price_output: float | None = None
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Per-model price overrides (a job file's ``[prices]``): model → input/output/cached_input."""
     retry_failed: bool = False
     restart: bool = False
     force_resume: bool = False

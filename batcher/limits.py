@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -57,7 +58,7 @@ class Throttle:
         self.max_concurrency = concurrency
         self.window = float(concurrency)
         self._in_flight = 0
-        self._slot_freed = asyncio.Condition()
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self.cooldowns = 0
 
     # --- dispatch -----------------------------------------------------------------------
@@ -110,18 +111,34 @@ class Throttle:
         return _Slot(self)
 
     async def _enter_slot(self) -> None:
+        # Fast path without any lock: a free place is simply taken (one event loop, no
+        # await between the check and the increment).
         if not self.adaptive:
             return
-        async with self._slot_freed:
-            await self._slot_freed.wait_for(lambda: self._in_flight < max(1, int(self.window)))
-            self._in_flight += 1
+        while self._in_flight >= max(1, int(self.window)):
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # Pass a wake-up we may have consumed on to the next waiter.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()
+                raise
+        self._in_flight += 1
 
     async def _exit_slot(self) -> None:
         if not self.adaptive:
             return
-        async with self._slot_freed:
-            self._in_flight -= 1
-            self._slot_freed.notify()
+        self._in_flight -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     # --- feedback from answers ------------------------------------------------------------
 

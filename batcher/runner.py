@@ -350,7 +350,7 @@ class Runner:
         if model not in self._price_cache:
             c = self.config
             self._price_cache[model] = price_for(model, price_input=c.price_input,
-                                                 price_output=c.price_output)
+                                                 price_output=c.price_output, table=c.prices)
         return self._price_cache[model]
 
     async def _process(self, row: RequestRow, transport: Transport) -> ResultRow | None:

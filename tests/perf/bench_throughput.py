@@ -99,7 +99,7 @@ def bench_fast(tmp: Path, rows: int = 20_000) -> None:
         sim.kill()
 
 
-def bench_latency(tmp: Path, rows: int = 6_400) -> None:
+def bench_latency(tmp: Path, rows: int = 12_800) -> None:
     sim, url = start_simulator("--latency-ms", "200")
     try:
         src = make_input(tmp, rows)
