@@ -12,7 +12,6 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
@@ -27,10 +26,10 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
     """Redraw a progress bar from the runner's counters until cancelled."""
     console = Console(file=stream, stderr=True)
     columns = (
-        TextColumn("[bold]batcher"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>8} rows/s"), TextColumn("{task.fields[tokens]} tok"),
+        TextColumn("[bold]batcher"), BarColumn(bar_width=16), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[tokens]} tok"),
         TextColumn("${task.fields[cost]}"), TextColumn("[red]{task.fields[errors]} err"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("run", total=progress.total, rate="0", tokens=0, cost="0.00",

@@ -1,0 +1,67 @@
+"""README's commands and examples/ are executed, so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from batcher.simulate import SimulatorThread
+from tests.conftest import ROOT, run_cli
+
+README = (ROOT / "README.md").read_text()
+
+
+def _shell_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_readme_opens_with_the_try_and_test_commands_and_ci_runs_the_test_one() -> None:
+    blocks = _shell_blocks()
+    try_it, test_it = blocks[0].strip(), blocks[1].strip()
+    assert README.index(try_it) < README.index("## ")         # both before the first section
+    assert README.index(test_it) < README.index("## ")
+    assert "pip install ." in try_it and "examples/quickstart.sh" in try_it
+    assert "pip install -e '.[test]'" in test_it and "pytest" in test_it
+    test_command = test_it.split("&&")[-1].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci
+
+
+def test_quickstart_runs_a_real_job_end_to_end(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["BATCHER_QUICKSTART_OUT"] = str(tmp_path)
+    proc = subprocess.run(["sh", str(ROOT / "examples" / "quickstart.sh"), str(_free_port())],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pq.read_table(tmp_path / "answers.parquet")
+    source_rows = sum(1 for _ in (ROOT / "examples" / "prompts.jsonl").open())
+    assert table.num_rows == source_rows
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert "rows" in proc.stdout                               # estimate and status printed
+    assert f"{source_rows} rows in" in proc.stdout
+
+
+def test_example_inputs_run_against_the_simulator(tmp_path: Path, sim: SimulatorThread) -> None:
+    for name in ("prompts.jsonl", "chat.jsonl", "batch_api.jsonl", "eval.jsonl",
+                 "reviews.parquet"):
+        extra = (["--template", "Sentiment of: {review}", "--id-column", "review_id"]
+                 if name.endswith(".parquet") else [])
+        out = tmp_path / f"{name}.parquet"
+        result = run_cli("run", ROOT / "examples" / name, "-o", out, "--base-url",
+                         sim.base_url, "--model", "gpt-4o-mini", "--no-progress", *extra)
+        assert result.exit_code == 0, (name, result.stderr)
+        assert set(pq.read_table(out).column("status").to_pylist()) == {"ok"}
