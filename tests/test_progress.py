@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import pty
@@ -23,10 +24,8 @@ async def test_progress_bar_shows_rows_rate_tokens_cost_and_errors() -> None:
     task = asyncio.create_task(show_progress(progress, stream))
     await asyncio.sleep(0.3)
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     text = stream.getvalue()
     assert "507/1000" in text
     assert "rows/s" in text
