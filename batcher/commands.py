@@ -149,7 +149,10 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
             run_values.setdefault("output", Path("estimate.parquet"))
             config = _build_config(run_values)
             if sample:
-                raise ConfigError("--sample is not available yet")
+                from batcher.sample import estimate_with_sample
+
+                reports.append(_run_async(estimate_with_sample(config, sample)))
+                continue
             reports.append(estimate_job(config))
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)

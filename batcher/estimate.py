@@ -72,6 +72,14 @@ class EstimateReport:
     ``cost_usd_max`` adds every request's maximum output. Totals are None when any row's
     model has no known price (the per-model breakdown still has the known part).
     ``seconds_estimate`` is the expected wall time; ``bound_by`` names the limit that sets it.
+
+    The ``sample_*``, ``measured_*`` and ``*_expected*`` fields are None unless the report was
+    measured with ``--sample`` (:mod:`batcher.sample`): ``sample_size`` requests were sent,
+    ``sample_ok`` answered; ``measured_*`` are per answer (tokens as the server reported them,
+    latency in seconds); ``output_tokens_expected`` / ``cost_usd_expected`` extrapolate the
+    answers to every row, with a ``sample_confidence`` (e.g. 0.9) interval ``_low``..``_high``;
+    ``sample_cost_usd`` is what the sample itself cost; ``seconds_expected`` the wall time at
+    the measured latency.
     """
 
     rows: int
@@ -87,6 +95,21 @@ class EstimateReport:
     bound_by: str | None = None
     default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     rows_with_default_max_tokens: int = 0
+    sample_size: int | None = None
+    sample_ok: int | None = None
+    sample_confidence: float | None = None
+    measured_output_tokens_mean: float | None = None
+    measured_output_tokens_stdev: float | None = None
+    measured_prompt_tokens_mean: float | None = None
+    measured_latency_s_mean: float | None = None
+    output_tokens_expected: int | None = None
+    output_tokens_expected_low: int | None = None
+    output_tokens_expected_high: int | None = None
+    cost_usd_expected: float | None = None
+    cost_usd_expected_low: float | None = None
+    cost_usd_expected_high: float | None = None
+    sample_cost_usd: float | None = None
+    seconds_expected: float | None = None
 
     def to_json(self) -> dict[str, JSON]:
         """One JSON object: the totals, ``by_model``, ``unknown_price_models`` and ``notes``."""
@@ -101,6 +124,7 @@ class EstimateReport:
             "bound_by": self.bound_by,
             "default_max_output_tokens": self.default_max_output_tokens,
             "rows_with_default_max_tokens": self.rows_with_default_max_tokens,
+            **{name: getattr(self, name) for name in SAMPLE_FIELDS},
             "by_model": [m.to_json() for m in self.by_model],
             "unknown_price_models": list(self.unknown_price_models),
             "notes": list(self.notes),
@@ -131,11 +155,49 @@ class EstimateReport:
         if self.seconds_estimate is not None:
             bound = f"  (set by {self.bound_by})" if self.bound_by else ""
             lines.append(f"time: ~{_duration(self.seconds_estimate)}{bound}")
+        lines.extend(self._render_sample())
         if self.unknown_price_models:
             lines.append("price unknown: " + ", ".join(self.unknown_price_models)
                          + " (give --price-input/--price-output or a [prices] table)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+    def _render_sample(self) -> list[str]:
+        """The measured lines of a ``--sample`` report (none without a sample)."""
+        if self.sample_size is None:
+            return []
+        paid = f"; the sample cost {_money(self.sample_cost_usd)}" \
+            if self.sample_cost_usd is not None else ""
+        lines = [f"measured on {self.sample_size:,} sampled rows "
+                 f"({self.sample_ok or 0:,} answered{paid}):"]
+        level = f"{(self.sample_confidence or 0) * 100:.0f}% range"
+        if self.measured_output_tokens_mean is not None and self.output_tokens_expected is not None:
+            lines.append(
+                f"  output tokens: {self.measured_output_tokens_mean:,.1f} per answer -> "
+                f"expected {self.output_tokens_expected:,} ({level} "
+                f"{self.output_tokens_expected_low or 0:,}-{self.output_tokens_expected_high or 0:,};"
+                f" at most {self.output_tokens_max:,})")
+        if self.cost_usd_expected is not None:
+            lines.append(f"  cost: expected {_money4(self.cost_usd_expected)} ({level} "
+                         f"{_money4(self.cost_usd_expected_low)}-"
+                         f"{_money4(self.cost_usd_expected_high)})")
+        elif self.sample_ok:
+            lines.append("  cost: expected cost unknown (a price is unknown)")
+        if self.seconds_expected is not None and self.measured_latency_s_mean is not None:
+            lines.append(f"  time: ~{_duration(self.seconds_expected)} at the measured "
+                         f"{self.measured_latency_s_mean:.2f}s per request")
+        return lines
+
+
+SAMPLE_FIELDS = (
+    "sample_size", "sample_ok", "sample_confidence", "measured_output_tokens_mean",
+    "measured_output_tokens_stdev", "measured_prompt_tokens_mean", "measured_latency_s_mean",
+    "output_tokens_expected", "output_tokens_expected_low", "output_tokens_expected_high",
+    "cost_usd_expected", "cost_usd_expected_low", "cost_usd_expected_high", "sample_cost_usd",
+    "seconds_expected",
+)
+"""The EstimateReport fields a ``--sample`` measures; in ``to_json`` always (None without one)."""
 
 
 def _money(value: float | None) -> str:
@@ -146,6 +208,15 @@ def _money(value: float | None) -> str:
     if value < 0.01:
         return f"${value:.6f}"
     return f"${value:,.2f}"
+
+
+def _money4(value: float | None) -> str:
+    # Four significant digits below $100: a measured range such as $0.0123-$0.0141 must not
+    # print as "$0.01-$0.01".
+    if value is None or value <= 0 or value >= 100:
+        return _money(value)
+    decimals = max(2, 3 - math.floor(math.log10(value)))
+    return f"${value:.{decimals}f}"
 
 
 def _duration(seconds: float) -> str:

@@ -202,3 +202,29 @@ def test_status_after_finish_reports_totals(tmp_path: Path, sim: SimulatorThread
     assert "ok" in text.stdout
     assert pq.read_metadata(out).num_rows == 12
     assert os.path.exists(str(out) + ".state")
+
+
+def test_second_ctrl_c_stops_at_once_and_state_stays_consistent(
+        tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
+    slow = make_sim(latency_ms=8000)
+    rows = prompts(50)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    proc = _start(slow, src, out, "--concurrency", "8")
+    deadline = time.monotonic() + 20
+    while slow.stats.requests < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.stats.requests >= 8                      # eight requests are in flight
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)                       # first: wait for in-flight...
+    time.sleep(0.3)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)                       # ...second: stop now
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - started < 5                 # did not wait for the 8 s answers
+    fast = make_sim()
+    result = run_cli("run", src, "-o", out, "--base-url", fast.base_url, "--model",
+                     "gpt-4o-mini", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    _assert_exactly_once(out, [r["id"] for r in rows])
