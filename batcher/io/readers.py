@@ -606,9 +606,9 @@ class _KeyPlan:
                 continue
             name = key
             if name in _OUTPUT_SET:
-                name = name
+                name = "input_" + name
                 while name in taken:  # an input that has both `model` and `input_model`
-                    name = name
+                    name = "input_" + name
                 taken.add(name)
             carried.append((key, name))
         if shape == "batch":  # a batch line's body is sent as is
