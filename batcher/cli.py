@@ -179,33 +179,36 @@ def status(output: Path, as_json: bool) -> None:
     sys.exit(execute_status(output, as_json=as_json))
 
 
+def simulator_options(func: F) -> F:
+    """The simulator's options, generated from its own table so flags and docs never drift."""
+    from batcher.simulate import SIM_OPTIONS
+
+    for option in reversed(SIM_OPTIONS):
+        if option.type is bool:
+            func = click.option(option.flag, option.name, is_flag=True, default=None,
+                                help=option.help)(func)
+        elif option.name == "script":
+            func = click.option(option.flag, option.name, multiple=True, help=option.help)(func)
+        else:
+            func = click.option(option.flag, option.name, type=option.type, default=None,
+                                help=option.help)(func)
+    return func
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--latency-ms", default=0.0, show_default=True, type=float)
-@click.option("--jitter-ms", default=0.0, show_default=True, type=float)
-@click.option("--rpm", type=float, help="Enforce requests/minute in per-second slices (429).")
-@click.option("--tpm", type=float, help="Enforce tokens/minute in per-second slices (429).")
-@click.option("--fail-rate", default=0.0, show_default=True, type=float, help="500s.")
-@click.option("--rate-429", default=0.0, show_default=True, type=float)
-@click.option("--rate-429-bare", default=0.0, show_default=True, type=float,
-              help="429s without any retry header.")
-@click.option("--rate-524", default=0.0, show_default=True, type=float)
-@click.option("--rate-invalid-json", default=0.0, show_default=True, type=float)
-@click.option("--rate-drop", default=0.0, show_default=True, type=float)
-@click.option("--rate-hang", default=0.0, show_default=True, type=float)
-@click.option("--rate-cut-stream", default=0.0, show_default=True, type=float)
-@click.option("--require-key", default=None, help="Answer 401 unless this key is sent.")
-@click.option("--quota-exhausted", is_flag=True, help="Answer every request 429 insufficient_quota.")
-@click.option("--answer-tokens", default=16, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@simulator_options
 def simulate(host: str, port: int, **kwargs: Any) -> None:
     """A local OpenAI-compatible server (chat, completions, embeddings, Anthropic messages,
-    Gemini generateContent) with latency, limits and faults, to rehearse a job for free."""
+    Gemini generateContent) with latency, limits and faults, to rehearse a job for free.
+    Base URL: http://HOST:PORT/v1 (Gemini: http://HOST:PORT/v1beta). GET /_stats counts
+    what it received."""
     from batcher.simulate import serve, sim_config_from
 
     try:
-        config = sim_config_from(**kwargs)
+        config = sim_config_from(**{k: (v or None) if k == "script" else v
+                                    for k, v in kwargs.items()})
     except ValueError as exc:
         fail(exc, 2)
         return

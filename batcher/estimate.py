@@ -169,7 +169,8 @@ class EstimateReport:
             return []
         paid = f"; the sample cost {_money(self.sample_cost_usd)}" \
             if self.sample_cost_usd is not None else ""
-        lines = [f"measured on {self.sample_size:,} sampled rows "
+        lines = [f"measured on {self.sample_size:,} sampled row"
+                 f"{'' if self.sample_size == 1 else 's'} "
                  f"({self.sample_ok or 0:,} answered{paid}):"]
         level = f"{(self.sample_confidence or 0) * 100:.0f}% range"
         if self.measured_output_tokens_mean is not None and self.output_tokens_expected is not None:
