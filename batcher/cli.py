@@ -12,7 +12,13 @@ import click
 import orjson
 
 from batcher import __version__
-from batcher.config import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT, ENDPOINTS
+from batcher.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT,
+    ENDPOINTS,
+)
 from batcher.errors import BatcherError, ConfigError
 
 T = TypeVar("T")
@@ -66,6 +72,8 @@ def request_options(func: F) -> F:
                      help="Extra HTTP header (gateways)."),
         click.option("--concurrency", type=int,
                      help=f"Requests in flight [default: {DEFAULT_CONCURRENCY}]."),
+        click.option("--batch-size", type=int,
+                     help=f"Embeddings: rows per request [default: {DEFAULT_BATCH_SIZE}]."),
         click.option("--rpm", type=float, help="Requests per minute to stay under."),
         click.option("--tpm", type=float, help="Tokens per minute to stay under."),
         click.option("--price-input", type=float, metavar="USD",

@@ -15,6 +15,7 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_BATCH_SIZE = 16
 ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
 
 
@@ -41,6 +42,8 @@ class RunConfig:
     params: Mapping[str, JSON] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
+    batch_size: int = DEFAULT_BATCH_SIZE
+    """Embeddings only: rows sent together in one request's ``input`` array."""
     rpm: float | None = None
     tpm: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -84,6 +87,7 @@ def default_base_url() -> str:
 
 _BOUNDS: dict[str, tuple[float, float]] = {
     "concurrency": (1, 100_000),
+    "batch_size": (1, 2048),
     "rpm": (0.001, 1e9),
     "tpm": (1, 1e12),
     "max_attempts": (1, 100),

@@ -16,14 +16,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pyarrow.parquet as pq
 
-from batcher.checkpoint import StateStore, input_fingerprint
+from batcher.checkpoint import Counters, StateStore, input_fingerprint
 from batcher.config import RunConfig
 from batcher.errors import (
     Aborted,
@@ -42,9 +42,18 @@ from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.pricing import Budget, Price, cost_usd, max_cost_usd, price_for
 from batcher.providers import Provider, get_provider, provider_for_row
+from batcher.providers.base import MultiInputProvider
 from batcher.retry import retrying
-from batcher.tokens import request_input_tokens, request_max_output_tokens
-from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, ResultRow
+from batcher.tokens import request_input_tokens, request_max_output_tokens, tokenizer_name
+from batcher.types import (
+    Answer,
+    HttpRequest,
+    HttpResponse,
+    RequestContext,
+    RequestRow,
+    ResultRow,
+    Usage,
+)
 
 MAX_PROBLEMS_LOGGED = 20
 """Bad rows logged one by one; beyond this only counted (the summary has the total)."""
@@ -105,8 +114,10 @@ class RunSummary:
     """rows already done when this run started."""
     sent_this_run: int
     prompt_tokens: int
+    """tokens and cost: the whole output's (every run of it, retried errors included)."""
     completion_tokens: int
     cost_usd: float
+    cost_usd_this_run: float
     errors_by_type: dict[str, int]
     resume_command: str | None = None
 
@@ -148,6 +159,7 @@ class Runner:
         self._last_success = 0.0
         self._price_cache: dict[str | None, Price | None] = {}
         self._budget = Budget(config.max_cost)
+        self._group_size = config.batch_size if config.endpoint == "embeddings" else 1
         self._throttle: Throttle | None = None
         self._ctx = RequestContext(
             base_url=config.base_url, model=config.model, api_key=config.api_key(),
@@ -197,6 +209,8 @@ class Runner:
         outcome, message = "finished", None
         try:
             skip = store.done_ids(include_errors=not config.retry_failed)
+            # The cap is for the output, not for one run: earlier runs' spend counts.
+            self._budget.spent = store.counters.cost_usd
             self.progress.total = total
             self.progress.already_done = len(skip)
             store.update_meta(status="running", total_rows=total,
@@ -224,7 +238,7 @@ class Runner:
                 store.append(self._pending)
                 self._pending = []
             store.close()
-        return self._summary(outcome, message, started_at, t0)
+        return self._summary(outcome, message, started_at, t0, store.counters)
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -311,9 +325,35 @@ class Runner:
             row = await rows.get()
             if row is None or self.stop_reason is not None:
                 return
-            result = await self._process(row, transport)
-            if result is not None:
+            group, rest, last = self._gather(row, rows)
+            for result in await self._process(group, transport):
                 self._deliver(result)
+            if rest is not None and self.stop_reason is None:
+                for result in await self._process([rest], transport):
+                    self._deliver(result)
+            if last:
+                return
+
+    def _gather(self, first: RequestRow, rows: asyncio.Queue[RequestRow | None]
+                ) -> tuple[list[RequestRow], RequestRow | None, bool]:
+        """More rows for one multi-input request (embeddings ``--batch-size``), taken only
+        from what is already queued (never waiting) and only rows that share the first
+        row's model and params. Returns (group, a row that did not fit, end-of-input seen)."""
+        group = [first]
+        if self._group_size <= 1 or first.prompt is None or first.shape == "batch":
+            return group, None, False
+        while len(group) < self._group_size:
+            try:
+                row = rows.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if row is None:
+                return group, None, True
+            if (row.prompt is None or row.shape == "batch" or row.model != first.model
+                    or row.params != first.params):
+                return group, row, False
+            group.append(row)
+        return group, None, False
 
     def _deliver(self, result: ResultRow) -> None:
         """Hand a result to the writer without awaiting: nothing can cancel it in between."""
@@ -353,20 +393,26 @@ class Runner:
                                                  price_output=c.price_output, table=c.prices)
         return self._price_cache[model]
 
-    async def _process(self, row: RequestRow, transport: Transport) -> ResultRow | None:
-        """The result row for one input row, or None when the row was not finished (stop,
-        abort, budget): such rows are not written, so a resume sends them."""
+    async def _process(self, rows: list[RequestRow], transport: Transport) -> list[ResultRow]:
+        """The result rows for one request (one input row, or several for embeddings).
+        Rows that were not finished (stop, abort, budget) get no result: not written, a
+        resume sends them."""
         config, ctx = self.config, self._ctx
+        row = rows[0]
         try:
             provider = provider_for_row(row, config.endpoint)
-            request = provider.build_request(row, ctx)
+            if len(rows) > 1 and isinstance(provider, MultiInputProvider):
+                request = provider.build_group_request(rows, ctx)
+            else:
+                request = provider.build_request(row, ctx)
         except InputError as exc:
-            return self._error_row(row, exc.detail, "input", attempts=0, status=None,
-                                   latency_ms=None)
+            return [self._error_row(r, exc.detail, "input", attempts=0, status=None,
+                                    latency_ms=None) for r in rows]
         need_tokens = config.tpm is not None or config.max_cost is not None
-        input_tokens = request_input_tokens(row, ctx, config.endpoint) if need_tokens else 0
-        max_output = (request_max_output_tokens(row, ctx, config.endpoint)
-                      if need_tokens else 0)
+        input_tokens = max_output = 0
+        if need_tokens:
+            input_tokens = sum(request_input_tokens(r, ctx, config.endpoint) for r in rows)
+            max_output = sum(request_max_output_tokens(r, ctx, config.endpoint) for r in rows)
         reserved = 0.0
         if config.max_cost is not None:
             price = self._price(request.model)
@@ -374,27 +420,43 @@ class Runner:
                 self._abort(BudgetExceeded(
                     f"--max-cost needs a price, and the price of model {request.model!r} is "
                     "unknown: give --price-input and --price-output (USD per 1M tokens)"))
-                return None
-            reserved = max_cost_usd(price, input_tokens, max_output) or 0.0
+                return []
+            bound = sum(_input_token_bound(r, request.model) for r in rows)
+            reserved = max_cost_usd(price, max(input_tokens, bound), max_output) or 0.0
             if not self._budget.try_reserve(reserved):
                 self._abort(BudgetExceeded(
-                    f"budget reached: ${self._budget.spent:.4f} spent of --max-cost "
-                    f"${config.max_cost:g}; the next request could cost up to ${reserved:.4f}. "
-                    "Rerun with a higher --max-cost to continue"))
-                return None
-        actual_cost = 0.0
+                    f"budget reached: ${self._budget.spent:.4f} spent and "
+                    f"${self._budget.reserved:.4f} reserved by requests in flight, of "
+                    f"--max-cost ${config.max_cost:g}; the next request could cost up to "
+                    f"${reserved:.4f}. Rerun with a higher --max-cost to continue"))
+                return []
+        results: list[ResultRow] = []
         try:
-            result = await self._send_with_retries(row, provider, request, transport,
-                                                   input_tokens + max_output)
-            actual_cost = result.cost_usd or 0.0 if result is not None else 0.0
-            return result
+            outcome = await self._send_with_retries(row, provider, request, transport,
+                                                    input_tokens + max_output)
+            if isinstance(outcome, _Sent):
+                results = self._ok_rows(rows, request, outcome)
+            elif isinstance(outcome, _Failed):
+                results = [self._error_row(r, outcome.error.message, outcome.error.kind,
+                                           attempts=outcome.attempts,
+                                           status=outcome.error.status,
+                                           latency_ms=outcome.latency_ms,
+                                           response=outcome.response) for r in rows]
+            return results
         finally:
             if config.max_cost is not None:
-                self._budget.settle(reserved, actual_cost)
+                self._budget.settle(reserved, self._spent_on(results, reserved))
+
+    def _spent_on(self, results: list[ResultRow], reserved: float) -> float:
+        """What a request cost, for the budget: an answer whose cost is unknown (no usage,
+        unpriced model) counts as its whole reservation, never as $0."""
+        if any(r.status == "ok" and r.cost_usd is None for r in results):
+            return reserved
+        return sum(r.cost_usd or 0.0 for r in results)
 
     async def _send_with_retries(self, row: RequestRow, provider: Provider,
                                  request: HttpRequest, transport: Transport,
-                                 tokens: int) -> ResultRow | None:
+                                 tokens: int) -> _Sent | _Failed | None:
         """Send until answered, a non-retryable error, or ``max_attempts`` sends.
 
         The first attempt runs outside tenacity (the common case, and tenacity's
@@ -434,14 +496,12 @@ class Runner:
         except _StopRequested:
             return None
         except ProviderError as exc:
-            return self._error_row(row, exc.message, exc.kind, attempts=attempts,
-                                   status=exc.status, latency_ms=_ms_since(started),
-                                   response=response)
+            return _Failed(exc, attempts, _ms_since(started), response)
         finally:
             self._sending.discard(task)
         # No await from here to delivery: a stop cannot lose an answer that was paid for.
         assert response is not None  # the successful attempt set it
-        return self._ok_row(row, request, response, answer, attempts, _ms_since(started))
+        return _Sent(response, answer, attempts, _ms_since(started))
 
     async def _attempt(self, row: RequestRow, provider: Provider, request: HttpRequest,
                        transport: Transport, tokens: int,
@@ -503,10 +563,34 @@ class Runner:
 
     # --- result rows ----------------------------------------------------------------------
 
+    def _ok_rows(self, rows: list[RequestRow], request: HttpRequest,
+                 sent: _Sent) -> list[ResultRow]:
+        if len(rows) == 1:
+            return [self._ok_row(rows[0], request, sent.response, sent.answer, sent.attempts,
+                                 sent.latency_ms)]
+        vectors = sent.answer.embeddings or []
+        if len(vectors) != len(rows):
+            message = f"the server returned {len(vectors)} embeddings for {len(rows)} inputs"
+            return [self._error_row(r, message, "invalid_response", attempts=sent.attempts,
+                                    status=sent.response.status, latency_ms=sent.latency_ms,
+                                    response=sent.response) for r in rows]
+        # One request's usage is shared out evenly: the server reports it only in total.
+        shares = _split(sent.answer.usage.prompt_tokens, len(rows))
+        return [
+            self._ok_row(r, request, sent.response,
+                         replace(sent.answer, embedding=vector, embeddings=None,
+                                 usage=Usage(prompt_tokens=share, total_tokens=share)),
+                         sent.attempts, sent.latency_ms)
+            for r, vector, share in zip(rows, vectors, shares, strict=True)
+        ]
+
     def _ok_row(self, row: RequestRow, request: HttpRequest, response: HttpResponse,
                 answer: Answer, attempts: int, latency_ms: float) -> ResultRow:
         usage = answer.usage
-        cost = cost_usd(self._price(answer.model or request.model), usage)
+        # The answered model's price, else the requested one's (gateways rename models).
+        cost = cost_usd(self._price(answer.model), usage) if answer.model else None
+        if cost is None:
+            cost = cost_usd(self._price(request.model), usage)
         return ResultRow(
             id=row.id, status="ok", output=answer.output, finish_reason=answer.finish_reason,
             finish_reason_raw=answer.finish_reason_raw, model=answer.model,
@@ -534,8 +618,8 @@ class Runner:
 
     # --- summary --------------------------------------------------------------------------
 
-    def _summary(self, outcome: str, message: str | None, started_at: str,
-                 t0: float) -> RunSummary:
+    def _summary(self, outcome: str, message: str | None, started_at: str, t0: float,
+                 totals: Counters) -> RunSummary:
         config, p = self.config, self.progress
         ok, error = p.ok, p.error
         if outcome == "finished" and config.output.exists():
@@ -554,9 +638,9 @@ class Runner:
             duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=code,
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
-            sent_this_run=p.ok + p.error, prompt_tokens=p.prompt_tokens,
-            completion_tokens=p.completion_tokens, cost_usd=round(p.cost_usd, 6),
-            errors_by_type=dict(self._errors_by_type),
+            sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens, cost_usd=round(totals.cost_usd, 6),
+            cost_usd_this_run=round(p.cost_usd, 6), errors_by_type=dict(self._errors_by_type),
         )
         write_summary(config.summary_path, summary)
         return summary
@@ -567,6 +651,43 @@ def write_summary(path: Path, summary: RunSummary) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp")
     tmp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    response: HttpResponse
+    answer: Answer
+    attempts: int
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: ProviderError
+    attempts: int
+    latency_ms: float
+    response: HttpResponse | None
+
+
+def _split(total: int | None, parts: int) -> list[int | None]:
+    """``total`` shared out as evenly as whole numbers allow (None stays None)."""
+    if total is None:
+        return [None] * parts
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _input_token_bound(row: RequestRow, model: str | None) -> int:
+    """For models whose tokens are only approximated, an upper bound for the budget: byte-level
+    BPE tokenizers never make more tokens than the text has UTF-8 bytes."""
+    if tokenizer_name(model) != "approx":
+        return 0
+    text = row.prompt or ""
+    if row.messages is not None:
+        text = orjson.dumps(row.messages).decode()
+    elif row.body is not None:
+        text = orjson.dumps(row.body).decode()
+    return len(text.encode()) + 16
 
 
 def _ms_since(started: float) -> float:

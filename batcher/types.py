@@ -117,6 +117,8 @@ class Answer:
     response_id: str | None = None
     tool_calls: str | None = None
     embedding: list[float] | None = None
+    embeddings: list[list[float]] | None = None
+    """Every vector of a multi-input embeddings request, in input order."""
 
 
 Status = Literal["ok", "error"]

@@ -116,10 +116,6 @@ def test_cost_per_row_is_usage_times_price_and_summary_matches(
     assert total == pytest.approx(_sim_spend(sim))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py: Budget starts at $0 each run, not at what the output already spent, so "
-    "rerunning with the same --max-cost spends the cap again (help: 'Hard spending cap for "
-    "this output')"))
 def test_rerun_with_the_same_cap_spends_nothing_more(
         tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
     sim = make_sim(latency_ms=20)
@@ -131,10 +127,6 @@ def test_rerun_with_the_same_cap_spends_nothing_more(
     assert _sim_spend(sim) <= CAP
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py: RunSummary.cost_usd (and prompt/completion_tokens) count this run only while "
-    "rows/ok count the whole output, so after a resume the summary's cost is not the "
-    "output's"))
 def test_summary_cost_after_a_resume_is_the_outputs_total(
         tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
     sim = make_sim(latency_ms=20)
@@ -146,10 +138,6 @@ def test_summary_cost_after_a_resume_is_the_outputs_total(
     assert _summary(out)["cost_usd"] == pytest.approx(total, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py _process: the reservation counts the prompt with batcher's tokenizer; a server "
-    "that counts more (approximate tokenizers are ±20%, worse for CJK/Hindi) bills more than "
-    "was reserved, so spend can pass --max-cost by what the in-flight requests under-reserved"))
 def test_cap_holds_when_the_server_counts_more_prompt_tokens(
         tmp_path: Path, sim: SimulatorThread) -> None:
     # The simulator counts ceil(chars / 4); long words are far fewer o200k tokens than that.
@@ -273,10 +261,6 @@ def test_cached_tokens_cost_the_cached_rate(
     assert summary["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.py _process settles an answered request whose cost is unknown (no usage in the "
-    "answer, or an answering model name with no price) at $0 instead of its reservation, as "
-    "pricing.Budget's contract asks: the cap then never binds"))
 @pytest.mark.parametrize("answer_model, usage", [
     ("gpt-4o-mini", None),                        # a server that reports no usage
     ("acme-unlisted-model-7", CACHED_USAGE),      # answers under a name with no known price

@@ -39,7 +39,7 @@ def test_summary_table_names_outcome_counts_and_resume_command() -> None:
         run_id="abc", job=None, model="m", input="in.jsonl", output="out.parquet",
         started_at="t0", finished_at="t1", duration_s=12.5, outcome="interrupted",
         exit_code=130, message=None, rows=40, ok=38, error=2, skipped=1, resumed=10,
-        sent_this_run=30, prompt_tokens=1000, completion_tokens=500, cost_usd=0.25,
+        sent_this_run=30, prompt_tokens=1000, completion_tokens=500, cost_usd=0.25, cost_usd_this_run=0.2,
         errors_by_type={"server_error": 2}, resume_command="batcher run in.jsonl -o out.parquet")
     stream = io.StringIO()
     render_summary(summary, stream)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import orjson
 
@@ -45,6 +45,16 @@ class Provider(Protocol):
     def parse_response(self, request: HttpRequest, response: HttpResponse) -> Answer:
         """The normalised answer of a 2xx response; raises a typed ProviderError otherwise
         (including for a 2xx whose body is not what the endpoint returns)."""
+        ...
+
+
+@runtime_checkable
+class MultiInputProvider(Provider, Protocol):
+    """A provider that can send several rows in one request (embeddings)."""
+
+    def build_group_request(self, rows: Sequence[RequestRow], ctx: RequestContext) -> HttpRequest:
+        """One request for ``rows``, which share model and params and all have a prompt; the
+        answer's ``embeddings`` then hold one vector per row, in order."""
         ...
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -632,6 +632,10 @@ class EmbeddingsProvider:
                              "not messages", row.line, "prompt")
         return _request(row, ctx, self.path, {"input": row.prompt})
 
+    def build_group_request(self, rows: Sequence[RequestRow], ctx: RequestContext) -> HttpRequest:
+        """Several rows' prompts as one ``input`` array (they share model and params)."""
+        return _request(rows[0], ctx, self.path, {"input": [r.prompt for r in rows]})
+
     def parse_response(self, request: HttpRequest, response: HttpResponse) -> Answer:
         if not 200 <= response.status < 300:
             raise openai_error(response)
@@ -653,6 +657,7 @@ class EmbeddingsProvider:
             usage=Usage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens),
             response_id=rid if isinstance(rid, str) else None,
             embedding=vectors[0],
+            embeddings=vectors,
         )
 
 
