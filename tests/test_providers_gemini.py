@@ -120,3 +120,24 @@ def test_missing_model() -> None:
     with pytest.raises(InputError) as info:
         PROVIDER.build_request(row, RequestContext(base_url="http://h/v1beta", model=None))
     assert info.value.field == "model"
+
+
+def test_daily_quota_failure_without_retry_info_is_quota_exhausted() -> None:
+    from batcher.errors import QuotaExhausted, RateLimited
+    from batcher.providers.gemini import gemini_error
+    from batcher.types import HttpResponse
+
+    def answer(details: list[dict[str, object]]) -> HttpResponse:
+        body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota",
+                          "details": details}}
+        return HttpResponse(429, {}, orjson.dumps(body))
+
+    daily = {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}
+    minute = {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+              "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}]}
+    retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "3s"}
+    assert isinstance(gemini_error(answer([daily])), QuotaExhausted)
+    per_minute = gemini_error(answer([minute, retry]))
+    assert isinstance(per_minute, RateLimited) and per_minute.retry_after == 3.0
+    assert isinstance(gemini_error(answer([daily, retry])), RateLimited)

@@ -17,6 +17,8 @@ from batcher.errors import (
     InputError,
     InvalidResponse,
     ProviderError,
+    QuotaExhausted,
+    RateLimited,
     Retryable,
 )
 from batcher.providers.base import (
@@ -237,11 +239,34 @@ def _with_retry_info(error: ProviderError, err: JSON, response: HttpResponse) ->
     key reported as ErrorInfo (see :data:`AUTH_REASONS`) becomes AuthError."""
     if error_info_reasons(err) & AUTH_REASONS and not isinstance(error, AuthError):
         return AuthError(error.message, status=error.status)
+    if isinstance(error, RateLimited) and _daily_quota_spent(err):
+        return QuotaExhausted(error.message, status=error.status)
     if isinstance(error, Retryable) and error.retry_after is None:
         delay = retry_info_seconds(err)
         if delay is not None:
             return type(error)(error.message, status=error.status, retry_after=delay)
     return error
+
+
+def _daily_quota_spent(err: JSON) -> bool:
+    """True when RESOURCE_EXHAUSTED names a per-day quota in its QuotaFailure detail and
+    gives no RetryInfo: waiting minutes will not help, so the job must stop (exit 3).
+    Per-minute quotas come with a RetryInfo delay and stay RateLimited."""
+    if not isinstance(err, dict) or retry_info_seconds(err) is not None:
+        return False
+    details = err.get("details")
+    for detail in details if isinstance(details, list) else []:
+        if not isinstance(detail, dict) or not str(detail.get("@type", "")).endswith(
+                "google.rpc.QuotaFailure"):
+            continue
+        violations = detail.get("violations")
+        for violation in violations if isinstance(violations, list) else []:
+            if not isinstance(violation, dict):
+                continue
+            names = f"{violation.get('quotaId', '')} {violation.get('quotaMetric', '')}".lower()
+            if "perday" in names or "per_day" in names:
+                return True
+    return False
 
 
 def gemini_error(response: HttpResponse) -> ProviderError:
