@@ -1,29 +1,4 @@
 """The local OpenAI-compatible simulator (``batcher simulate``); implemented in :mod:`batcher.simulator`."""
 
-from batcher.simulator import (
-    SIM_OPTIONS,
-    STATS_KEY,
-    SimConfig,
-    SimOption,
-    SimulatorThread,
-    Stats,
-    answer_text,
-    count_tokens,
-    make_app,
-    serve,
-    sim_config_from,
-)
-
-__all__ = [
-    "SIM_OPTIONS",
-    "STATS_KEY",
-    "SimConfig",
-    "SimOption",
-    "SimulatorThread",
-    "Stats",
-    "answer_text",
-    "count_tokens",
-    "make_app",
-    "serve",
-    "sim_config_from",
-]
+from batcher.simulator import *  # noqa: F403  (this module is the public name of the package)
+from batcher.simulator import __all__ as __all__
