@@ -1,4 +1,4 @@
-"""Pacing: RPM/TPM (aiolimiter) smoothed to sub-second slices, global cooldowns, adaptive concurrency."""
+"""Pacing: RPM/TPM spaced evenly below the limit, global cooldowns, adaptive concurrency."""
 
 from __future__ import annotations
 
@@ -8,38 +8,56 @@ from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
 
-from aiolimiter import AsyncLimiter
-
 from batcher.providers.base import parse_duration
 
 HEADROOM = 0.985
-"""Fraction of a stated limit that is used: what a leaky bucket lets through in any one-second
-window is burst + rate, so rate = 98.5% of the limit plus a 1% burst keeps every window of a
-provider that enforces per-second slices under its limit, while delivering >97% of it."""
-
-BURST = 0.01
-"""Bucket capacity as a fraction of one second's allowance (at least one request)."""
-
-TPM_SLICE = 0.25
-"""TPM bucket capacity in seconds of allowance; bigger requests are charged in pieces."""
+"""Fraction of a stated limit that is used. Sends are spaced evenly at 98.5% of the limit, so
+any one-second window of a provider that counts in per-second slices sees at most
+floor(0.985 × limit) + 1 ≤ limit requests, while >97% of the limit is delivered."""
 
 MAX_COOLDOWN = 60.0
 DEFAULT_COOLDOWN = 1.0
 
 
-def _bucket(per_second: float, capacity_seconds: float) -> AsyncLimiter:
-    """A leaky bucket that drains at HEADROOM × ``per_second`` and holds ``capacity_seconds``
-    of allowance (at least one unit)."""
-    capacity = max(1.0, per_second * capacity_seconds)
-    return AsyncLimiter(capacity, capacity / (per_second * HEADROOM))
+class Pacer:
+    """Spaces units (requests, or tokens) evenly at ``per_second`` × :data:`HEADROOM`.
+
+    Each acquire reserves the next free instant and sleeps until it (the "theoretical arrival
+    time" of GCRA). Why not a leaky bucket (aiolimiter): with a bucket small enough to never
+    burst over a one-second slice (one request), every late wake-up of a waiter loses the time
+    by which it was late, and delivery falls to ~88% of the limit; here a late wake-up loses
+    nothing, because the next slot follows the previous slot, not "now". Idle time is not
+    banked either: after a pause the next send is simply "now", never a burst.
+    """
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / (per_second * HEADROOM)
+        self._next = 0.0
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(self._next, now)
+        self._next = start + amount * self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    def charge_later(self, amount: float) -> None:
+        """Push the next free slot back by ``amount`` (units used beyond what was charged)."""
+        self._next += amount * self.interval
+
+    def refund(self, amount: float) -> None:
+        """Give back ``amount`` units charged but not used (never earlier than now)."""
+        loop = asyncio.get_running_loop()
+        self._next = max(loop.time(), self._next - amount * self.interval)
 
 
 class Throttle:
     """The gate every request passes before it is sent, shared by all workers.
 
-    - ``rpm``/``tpm``: leaky buckets sized as described at :data:`HEADROOM`. TPM is charged
-      with the request's estimated tokens before sending and corrected by :meth:`settle_tokens`
-      with the usage the server reports.
+    - ``rpm``/``tpm``: :class:`Pacer` values. TPM is charged with the request's prompt tokens
+      plus its ``max_tokens`` before sending — as OpenAI counts a request on arrival — and
+      corrected by :meth:`settle_tokens` with the usage the server reports (see there).
     - A 429 anywhere sets a *global* cooldown (the server's advice, else a doubling default)
       that every worker waits out before its next send, instead of each worker hammering.
     - ``x-ratelimit-remaining-*`` at zero cools down until one unit refills.
@@ -48,11 +66,9 @@ class Throttle:
     """
 
     def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int) -> None:
-        self._rpm = _bucket(rpm / 60.0, BURST) if rpm else None
-        self._tpm = _bucket(tpm / 60.0, TPM_SLICE) if tpm else None
+        self._rpm = Pacer(rpm / 60.0) if rpm else None
+        self._tpm = Pacer(tpm / 60.0) if tpm else None
         self._cooldown_until = 0.0
-        self._token_debt = 0
-        self._tpm_lock = asyncio.Lock()
         self._consecutive_429 = 0
         self.adaptive = rpm is None and tpm is None
         self.max_concurrency = concurrency
@@ -74,35 +90,22 @@ class Throttle:
         await self.wait_cooldown()
         if self._rpm is not None:
             await self._rpm.acquire(1)
-        debt, self._token_debt = self._token_debt, 0
-        await self._charge_tokens(tokens + debt)
+        if self._tpm is not None and tokens > 0:
+            await self._tpm.acquire(tokens)
 
-    def settle_tokens(self, estimated: int, actual: int | None) -> None:
-        """Correct the TPM account with the usage the server reported: unused tokens are
-        given back now; an overrun becomes a debt charged before the next request."""
+    def settle_tokens(self, charged: int, actual: int | None, *, explicit_max: bool) -> None:
+        """Correct the TPM account with the usage the server reported.
+
+        Tokens used beyond the charge are charged now (they delay later requests). Unused
+        tokens are given back only when the charge rested on our own default for a missing
+        ``max_tokens``: when the request carried ``max_tokens``, the provider counted all of
+        it on arrival and gives nothing back, so neither do we."""
         if self._tpm is None or actual is None:
             return
-        diff = actual - estimated
-        if diff > 0:
-            self._token_debt += diff
-        elif diff < 0:
-            # aiolimiter has no refund; lowering its level gives back capacity that was
-            # charged but not used (the bucket then leaks from the lower level).
-            self._tpm._leak()
-            self._tpm._level = max(0.0, self._tpm._level + diff)
-
-    async def _charge_tokens(self, tokens: int) -> None:
-        """Charge TPM in pieces no bigger than the bucket (aiolimiter refuses bigger ones).
-        One request's pieces are charged under a lock: interleaved with other requests'
-        pieces, many requests would complete their charge in the same instant (a burst)."""
-        if self._tpm is None or tokens <= 0:
-            return
-        async with self._tpm_lock:
-            remaining = float(tokens)
-            while remaining > 0:
-                piece = min(remaining, self._tpm.max_rate)
-                await self._tpm.acquire(piece)
-                remaining -= piece
+        if actual > charged:
+            self._tpm.charge_later(actual - charged)
+        elif not explicit_max:
+            self._tpm.refund(charged - actual)
 
     # --- adaptive concurrency (only when no limits were given) ----------------------------
 
@@ -151,14 +154,17 @@ class Throttle:
     def on_rate_limited(self, retry_after: float | None) -> float:
         """Start (or extend) the global cooldown; returns its length in seconds."""
         loop = asyncio.get_running_loop()
-        self._consecutive_429 += 1
+        in_cooldown = loop.time() < self._cooldown_until
+        # A burst of 429s from one instant is one signal, not one per refused worker.
+        if not in_cooldown:
+            self._consecutive_429 += 1
         if retry_after is None:
             retry_after = min(MAX_COOLDOWN, DEFAULT_COOLDOWN * 2 ** (self._consecutive_429 - 1))
         retry_after = min(MAX_COOLDOWN, max(0.0, retry_after))
         until = loop.time() + retry_after
         if until > self._cooldown_until:
-            # Halve at most once per cooldown: many 429s from one burst are one signal.
-            if self.adaptive and loop.time() >= self._cooldown_until:
+            # Halve at most once per cooldown, for the same reason.
+            if self.adaptive and not in_cooldown:
                 self.window = max(1.0, self.window / 2.0)
             self._cooldown_until = until
             self.cooldowns += 1

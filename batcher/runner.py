@@ -27,11 +27,13 @@ from batcher.checkpoint import Counters, StateStore, input_fingerprint
 from batcher.config import RunConfig
 from batcher.errors import (
     Aborted,
+    AuthError,
     BudgetExceeded,
     ConfigError,
     InputError,
     JobFatal,
     ProviderError,
+    QuotaExhausted,
     RateLimited,
     Retryable,
     ServerDown,
@@ -514,6 +516,10 @@ class Runner:
             raise _StopRequested
         progress = self.progress
         async with throttle.slot():
+            # Waiting for a place may have outlasted a cooldown begun meanwhile: re-check.
+            await throttle.wait_cooldown()
+            if self.stop_reason is not None:
+                raise _StopRequested
             self._sending.add(task)
             progress.in_flight += 1
             try:
@@ -536,7 +542,8 @@ class Runner:
             raise
         self._last_success = asyncio.get_running_loop().time()
         throttle.on_success(response.headers)
-        throttle.settle_tokens(tokens, answer.usage.total_tokens)
+        throttle.settle_tokens(tokens, answer.usage.total_tokens,
+                               explicit_max=request.max_tokens is not None)
         return response, answer
 
     async def _sleep(self, seconds: float) -> None:
@@ -554,7 +561,21 @@ class Runner:
                 f"the server looks down: no request has succeeded for {quiet:.0f} s "
                 f"(limit {self.config.server_down_after:g} s). Rerun the same command to resume"))
 
+    def _redact(self, text: str) -> str:
+        """The text with the API key replaced, for servers that quote it back."""
+        key = self._ctx.api_key
+        return text.replace(key, "***") if key and key in text else text
+
     def _abort(self, exc: Aborted | JobFatal) -> None:
+        if isinstance(exc, ProviderError):
+            message = self._redact(exc.message)
+            if isinstance(exc, AuthError):
+                message += (f" — check the API key in ${self.config.api_key_env} "
+                            "(--api-key-env) and the base URL; rerun the same command to resume")
+            elif isinstance(exc, QuotaExhausted):
+                message += (" — the account has no quota or credit left; add credit or use "
+                            "another key, then rerun the same command to resume")
+            exc = type(exc)(message, status=exc.status)
         if self._abort_error is None:
             self._abort_error = exc
             self._log.error("aborting", reason=str(exc), error_type=exc.kind
@@ -600,7 +621,8 @@ class Runner:
             ttft_ms=response.ttft_ms, attempts=attempts, http_status=response.status,
             response_id=answer.response_id, tool_calls=answer.tool_calls,
             embedding=answer.embedding,
-            raw=response.body.decode("utf-8", "replace") if self.config.keep_raw else None,
+            raw=(self._redact(response.body.decode("utf-8", "replace"))
+                 if self.config.keep_raw else None),
             completed_at=_now_iso(), columns=row.columns,
         )
 
@@ -609,9 +631,10 @@ class Runner:
                    response: HttpResponse | None = None) -> ResultRow:
         raw = None
         if self.config.keep_raw and response is not None:
-            raw = response.body.decode("utf-8", "replace")
+            raw = self._redact(response.body.decode("utf-8", "replace"))
         return ResultRow(
-            id=row.id, status="error", error=message, error_type=kind, attempts=attempts,
+            id=row.id, status="error", error=self._redact(message), error_type=kind,
+            attempts=attempts,
             http_status=status, latency_ms=latency_ms, raw=raw, completed_at=_now_iso(),
             columns=row.columns, model=row.model or self.config.model,
         )
@@ -623,8 +646,9 @@ class Runner:
         config, p = self.config, self.progress
         ok, error = p.ok, p.error
         if outcome == "finished" and config.output.exists():
+            # The output is the truth for a finished job (earlier runs and retries included).
             statuses = pq.read_table(config.output, columns=["status"]).column("status")
-            ok = sum(1 for s in statuses.to_pylist() if s == "ok")
+            ok = sum(chunk.to_pylist().count("ok") for chunk in statuses.chunks)
             error = len(statuses) - ok
         if outcome == "aborted":
             code = EXIT_ABORTED

@@ -245,7 +245,8 @@ async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOu
                     throttle.on_rate_limited(exc.retry_after)
                     raise
                 throttle.on_success(response.headers)
-                throttle.settle_tokens(tokens, answer.usage.total_tokens)
+                throttle.settle_tokens(tokens, answer.usage.total_tokens,
+                                       explicit_max=request.max_tokens is not None)
                 return _measure(config, row, ctx, request, answer, latency)
         raise AssertionError("unreachable: retrying() re-raises the last error")
 

@@ -45,32 +45,40 @@ def test_rpm_delivers_over_97_percent_and_never_exceeds_any_one_second_slice() -
         assert max(per_slice.values()) <= 100, phase
 
 
-def test_tpm_charges_estimated_tokens_and_pieces_large_requests() -> None:
+def test_tpm_spaces_requests_by_their_estimated_tokens() -> None:
     # 60,000 TPM = 1,000 tokens/s; 40 requests of 500 tokens need about 20 s.
     throttle = Throttle(rpm=None, tpm=60_000, concurrency=10)
     times = _send_times(throttle, 40, tokens=500, workers=10)
-    assert 18.5 <= max(times) <= 21.5
+    assert 19.0 <= max(times) <= 21.0
     per_second = Counter(int(t) for t in times)
-    assert max(per_second.values()) * 500 <= 1000 + 500
+    assert max(per_second.values()) * 500 <= 1000
 
 
-def test_settle_refunds_unused_tokens_and_charges_overruns_later() -> None:
-    async def main() -> tuple[float, float]:
+def test_settle_charges_overruns_and_refunds_only_our_own_default() -> None:
+    async def main() -> tuple[float, float, float]:
         loop = asyncio.get_running_loop()
         throttle = Throttle(rpm=None, tpm=60_000, concurrency=1)
-        await throttle.acquire(250)
-        throttle.settle_tokens(250, 10)          # 240 unused: given back
-        start = loop.time()
-        await throttle.acquire(250)
-        refunded = loop.time() - start
-        throttle.settle_tokens(250, 2250)        # 2,000 more used than charged: a debt
-        start = loop.time()
-        await throttle.acquire(250)
-        return refunded, loop.time() - start
 
-    refunded_wait, debt_wait = run_virtual(main)
-    assert refunded_wait < 0.05
-    assert debt_wait >= 1.8
+        async def wait_for_next() -> float:
+            start = loop.time()
+            await throttle.acquire(1)
+            return loop.time() - start
+
+        await throttle.acquire(500)
+        throttle.settle_tokens(500, 10, explicit_max=True)     # provider counted max_tokens
+        kept = await wait_for_next()
+        await throttle.acquire(500)
+        throttle.settle_tokens(500, 10, explicit_max=False)    # our default: give it back
+        refunded = await wait_for_next()
+        await throttle.acquire(500)
+        throttle.settle_tokens(500, 2500, explicit_max=True)   # 2,000 more than charged
+        overrun = await wait_for_next()
+        return kept, refunded, overrun
+
+    kept, refunded, overrun = run_virtual(main)
+    assert kept >= 0.45
+    assert refunded < 0.05
+    assert overrun >= 2.4
 
 
 def test_rate_limited_starts_one_global_cooldown_for_every_worker() -> None:
@@ -92,13 +100,19 @@ def test_rate_limited_starts_one_global_cooldown_for_every_worker() -> None:
     assert min(starts) >= 2.5
 
 
-def test_cooldown_without_advice_doubles_and_is_capped() -> None:
-    async def main() -> list[float]:
+def test_cooldown_without_advice_doubles_across_cooldowns_and_is_capped() -> None:
+    async def main() -> tuple[list[float], list[float]]:
         throttle = Throttle(rpm=None, tpm=None, concurrency=4)
-        return [throttle.on_rate_limited(None) for _ in range(10)]
+        burst = [throttle.on_rate_limited(None) for _ in range(8)]   # one instant: one signal
+        waits = []
+        for _ in range(8):
+            await throttle.wait_cooldown()
+            waits.append(throttle.on_rate_limited(None))
+        return burst, waits
 
-    waits = run_virtual(main)
-    assert waits[:4] == [1.0, 2.0, 4.0, 8.0]
+    burst, waits = run_virtual(main)
+    assert burst == [1.0] * 8
+    assert waits[:4] == [2.0, 4.0, 8.0, 16.0]
     assert max(waits) == 60.0
 
 

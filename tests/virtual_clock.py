@@ -24,8 +24,8 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
             events = real_select(0)
             if not events:
                 # Every idle turn moves time on by at least a microsecond, as a real clock
-                # would: code that re-arms a timer for a float-rounding remainder (aiolimiter
-                # does) would otherwise spin forever at one instant.
+                # would: code that re-arms a timer for a float-rounding remainder would
+                # otherwise spin forever at one instant.
                 self._virtual_now += max(timeout or 0.0, 1e-6)
             return events  # type: ignore[no-any-return]
 
