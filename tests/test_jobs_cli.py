@@ -35,8 +35,6 @@ def test_nightly_eval_matrix_runs_each_model_with_expected_beside_output(
         assert summary["ok"] == expected_rows and summary["exit_code"] == 0
     assert sim.stats.requests == 2 * expected_rows
 
-    status = run_cli("status", JOBS / "nightly_eval.toml", "--json")
-    assert status.exit_code == 0
 
 
 def test_classify_reviews_job_over_parquet(tmp_path: Path, sim: SimulatorThread) -> None:
@@ -98,3 +96,19 @@ def test_estimate_and_dry_run_send_nothing(tmp_path: Path, sim: SimulatorThread)
     assert not (tmp_path / "o.parquet").exists()
     text = run_cli("estimate", src, "--model", "some-unknown-model")
     assert text.exit_code == 0 and "unknown" in text.stdout.lower()
+
+
+def test_status_of_a_job_file_reports_each_output(tmp_path: Path, sim: SimulatorThread) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    job = tmp_path / "eval.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{job}}-{{date}}-{{model}}.parquet"\n'
+                   f'models = ["m1", "m2"]\nbase_url = "{sim.base_url}"\n')
+    (tmp_path / "out").mkdir()
+    assert run_cli("run", job, "--no-progress").exit_code == 0
+    result = run_cli("status", job, "--json")
+    assert result.exit_code == 0
+    infos = json.loads(result.stdout)
+    assert len(infos) == 2
+    assert all(info["ok"] == 4 and info["pending"] == 0 for info in infos)
+    text = run_cli("status", job)
+    assert text.stdout.count("eval-") >= 2
