@@ -42,7 +42,7 @@ from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_bat
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
-from batcher.pricing import Budget, Price, cost_usd, max_cost_usd, price_for
+from batcher.pricing import Budget, Price, cost_usd, genai_price, max_cost_usd, price_for
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.retry import retrying
@@ -278,7 +278,12 @@ class Runner:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
         self._throttle = Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=config.concurrency)
-        self._last_success = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._last_success = loop.time()
+        if config.model:
+            # Loading the price table takes ~0.2 s; do it in a thread while the first requests
+            # are on the wire, instead of stalling the loop at the first answer.
+            loop.run_in_executor(None, genai_price, config.model)
         async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
             try:
                 async with asyncio.TaskGroup() as group:
