@@ -76,7 +76,7 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
     runner = Runner(config, run_id=run_id)
     progress_on = show_progress and sys.stderr.isatty()
     try:
-        summary = _run_async(_run_with_signals(runner, progress_on))
+        summary = run_async(_run_with_signals(runner, progress_on))
     except BatcherError as exc:
         get_logger().error("run_failed", error=str(exc), exit_code=exc.exit_code)
         return _fail(exc, exc.exit_code)
@@ -105,10 +105,14 @@ def _report(summary: RunSummary, *, table: bool) -> None:
         render_summary(summary, sys.stderr)
 
 
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    from batcher.cli import run_async
-
-    return run_async(coro)
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when available (faster sockets), else the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 async def _run_with_signals(runner: Runner, progress_on: bool) -> RunSummary:
@@ -151,7 +155,7 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
             if sample:
                 from batcher.sample import estimate_with_sample
 
-                reports.append(_run_async(estimate_with_sample(config, sample)))
+                reports.append(run_async(estimate_with_sample(config, sample)))
                 continue
             reports.append(estimate_job(config))
     except BatcherError as exc:
