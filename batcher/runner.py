@@ -160,6 +160,7 @@ class Runner:
         self._errors_by_type: Counter[str] = Counter()
         self._last_success = 0.0
         self._price_cache: dict[str | None, Price | None] = {}
+        self._price_warmed = False
         self._budget = Budget(config.max_cost)
         self._group_size = config.batch_size if config.endpoint == "embeddings" else 1
         self._throttle: Throttle | None = None
@@ -280,10 +281,6 @@ class Runner:
         self._throttle = Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=config.concurrency)
         loop = asyncio.get_running_loop()
         self._last_success = loop.time()
-        if config.model:
-            # Loading the price table takes ~0.2 s; do it in a thread while the first requests
-            # are on the wire, instead of stalling the loop at the first answer.
-            loop.run_in_executor(None, genai_price, config.model)
         async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
             try:
                 async with asyncio.TaskGroup() as group:
@@ -526,6 +523,12 @@ class Runner:
             if self.stop_reason is not None:
                 raise _StopRequested
             self._sending.add(task)
+            if not self._price_warmed and self.config.model:
+                # Loading the price table takes ~0.2 s: do it in a thread while the first
+                # request is on the wire, not on the loop at the first answer (and not while
+                # a resume is still skipping done rows).
+                self._price_warmed = True
+                asyncio.get_running_loop().run_in_executor(None, genai_price, self.config.model)
             progress.in_flight += 1
             try:
                 response = await transport.send(request)

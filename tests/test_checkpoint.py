@@ -182,6 +182,59 @@ def test_latest_result_of_an_id_wins(tmp_path: Path) -> None:
         assert again.done_ids(include_errors=True) == {"a", "b"}
 
 
+@pytest.mark.parametrize(("seed", "answered_again"), [(0, True), (1, True), (2, True),
+                                                     (3, False), (4, False)])
+def test_open_and_status_agree_with_replaying_every_result_in_order(
+        tmp_path: Path, seed: int, answered_again: bool) -> None:
+    # Parts, a finalized output and a live journal, with or without ids answered again (error
+    # then ok, and back) within and across them: open/status must equal a plain replay.
+    rng = random.Random(seed)
+    fresh = iter(range(10**6))
+    out = tmp_path / "results.parquet"
+    latest: dict[str, str] = {}
+    spent = 0.0
+
+    def batch() -> list[ResultRow]:
+        nonlocal spent
+        made = []
+        for _ in range(rng.randrange(1, 30)):
+            id_ = f"i{rng.randrange(60) if answered_again else next(fresh)}"
+            state = rng.choice(["ok", "ok", "error"])
+            made.append(row(id_, state, cost_usd=1.0))
+            latest[id_] = state
+            spent += 1.0
+        return made
+
+    with open_store(out, compact_every=rng.choice([7, 25, 1000])) as store:
+        for _ in range(rng.randrange(2, 8)):
+            store.append(batch())
+        if rng.random() < 0.5:
+            store.finalize()
+        for _ in range(rng.randrange(0, 5)):
+            store.append(batch())
+        live = status(out)  # the store holds a journal: read as a live run's
+        ok = {i for i, s in latest.items() if s == "ok"}
+        assert (live["ok"], live["error"], live["cost_usd"]) == (
+            len(ok), len(latest) - len(ok), pytest.approx(spent))
+        assert store.done_ids(include_errors=False) == ok
+    with open_store(out) as again:
+        assert again.done_ids(include_errors=False) == ok
+        assert again.done_ids(include_errors=True) == set(latest)
+        c = again.counters
+        assert (c.ok, c.error, c.cost_usd) == (len(ok), len(latest) - len(ok),
+                                               pytest.approx(spent))
+
+
+def test_record_sources_added_after_a_finish_still_win() -> None:
+    rec = checkpoint._Record()
+    rec.add_table(pa.table({"id": ["a", "b"], "status": ["error", "ok"]}), spend=False)
+    rec.finish()
+    rec.add_table(pa.table({"id": ["a", "c"], "status": ["ok", "error"]}), spend=False)
+    rec.finish()
+    assert (rec.ok, rec.err) == ({"a", "b"}, {"c"})
+    assert (rec.counters.ok, rec.counters.error) == (2, 1)
+
+
 def test_journal_is_compacted_into_parts(tmp_path: Path) -> None:
     out = tmp_path / "results.parquet"
     with open_store(out, compact_every=5) as store:

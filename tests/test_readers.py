@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import gzip
+import random
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,82 @@ def test_skip_ids_still_count_for_duplicates_and_progress(tmp_path: Path) -> Non
     assert [p.line for b in batches for p in b.problems] == [3]
 
 
+def test_a_skipped_id_met_again_is_a_duplicate_of_a_done_row(tmp_path: Path) -> None:
+    # String ids (the fast path), an integer id and a generated one (through the row builder).
+    path = jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "1"}, {"id": 7, "prompt": "2"},
+                 {"prompt": "3"}, {"id": "a", "prompt": "4"}, {"id": "7", "prompt": "5"},
+                 {"id": "row-3", "prompt": "6"}, {"id": "b", "prompt": "7"})
+    skip = {"a", "7", "row-3"}
+    rows, problems = read_all(path, skip_ids=skip)
+    assert [r.id for r in rows] == ["b"]
+    done = "(an earlier row has it, and that row is done already)"
+    assert [(p.line, p.field, p.message) for p in problems] == [
+        (4, "id", f"duplicate id 'a' {done}"), (5, "id", f"duplicate id '7' {done}"),
+        (6, "id", f"duplicate id 'row-3' {done}")]
+    assert skip == {"a", "7", "row-3"}  # the caller's set is left alone
+
+
+def test_skipping_by_custom_id_and_in_parquet(tmp_path: Path) -> None:
+    line = {"method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
+    path = jsonl(tmp_path / "batch.jsonl", {"custom_id": "x", **line},
+                 {"custom_id": "y", **line}, {"custom_id": "x", **line})
+    rows, problems = read_all(path, skip_ids={"x"})
+    assert [r.id for r in rows] == ["y"] and [p.line for p in problems] == [3]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    parquet(folder / "a.parquet", {"id": ["p", "q"], "prompt": ["1", "2"]})
+    parquet(folder / "b.parquet", {"id": ["q", "p"], "prompt": ["3", "4"]})
+    rows, problems = read_all(folder, skip_ids={"p"})
+    assert [r.id for r in rows] == ["q"]
+    assert [(Path(p.source).name, p.line, "done already" in p.message) for p in problems] == [
+        ("b.parquet", 1, False), ("b.parquet", 2, True)]
+
+
+def test_skipping_matches_reading_everything_and_dropping_the_done_ids(tmp_path: Path) -> None:
+    # Resume is a fast path: it must give exactly the rows and problems a full read gives,
+    # less each done id's first row (whose own problems are not looked for, as before).
+    rng = random.Random(7)
+    lines: list[Any] = []
+    first_line: dict[str, int] = {}  # id -> the line of the first row that has it
+    ordinal = 0
+    for number in range(1, 601):
+        kind = rng.random()
+        if kind < 0.03:
+            lines.append(b"   ")
+            continue
+        ordinal += 1
+        if kind < 0.08:
+            lines.append(b"{broken")
+            continue
+        if kind < 0.12:
+            row_id, line = f"row-{ordinal}", {"prompt": f"p{number}"}
+        elif kind < 0.15:
+            n = rng.randrange(40)
+            row_id, line = str(n), {"id": n, "prompt": f"p{number}"}
+        elif kind < 0.2:
+            row_id = f"k{rng.randrange(300)}"
+            line = {"id": row_id}  # no prompt: a bad row, but it owns its id
+        elif kind < 0.25:
+            row_id = f"k{rng.randrange(300)}"
+            line = f'{{"id": "{row_id}", "prompt": "spaced {number}"}}'
+        else:
+            row_id = f"k{rng.randrange(300)}"
+            line = {"id": row_id, "prompt": f"p{number}"}
+        lines.append(line)
+        first_line.setdefault(row_id, number)
+    path = jsonl(tmp_path / "in.jsonl", *lines)
+    options = ReaderOptions(batch_size=37)
+    all_rows, all_problems = read_all(path, options)
+    skip = set(rng.sample(sorted(first_line), len(first_line) // 2)) | {"never-seen"}
+    rows, problems = read_all(path, options, skip_ids=skip)
+    assert rows == [r for r in all_rows if r.id not in skip]
+    skipped_lines = {first_line[i] for i in skip if i in first_line}
+    assert [p.line for p in problems] == [
+        p.line for p in all_problems if p.line not in skipped_lines]
+    assert any(p.message.endswith("done already)") for p in problems)
+    assert sum(b.lines_read for b in iter_batches(path, options, skip)) == count_rows(path)
+
+
 def test_ids_across_parquet_directory(tmp_path: Path) -> None:
     folder = tmp_path / "parts"
     folder.mkdir()
@@ -565,7 +642,6 @@ def test_parquet_batches(tmp_path: Path) -> None:
 
 def test_lines_across_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(readers, "_CHUNK_BYTES", 64)
-    monkeypatch.setattr(readers, "_COUNT_CHUNK_BYTES", 64)
     lines = [{"id": f"r{i}", "prompt": "y" * (i * 37 % 300)} for i in range(200)]
     path = jsonl(tmp_path / "in.jsonl", *lines[:100], "", "   ", *lines[100:])
     rows, problems = read_all(path)

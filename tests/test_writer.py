@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from batcher.io.writer import (
     read_metadata,
     records_to_table,
     result_to_record,
+    superseded_masks,
     write_final,
     write_part,
 )
@@ -142,6 +145,90 @@ def test_write_part_of_empty_journal_writes_nothing(tmp_path: Path) -> None:
 def test_keep_masks_keep_the_latest_row_of_each_id() -> None:
     masks = keep_masks([pa.array(["a", "b", "a"]), pa.array(["c", "b"]), pa.array(["a"])])
     assert [m.to_pylist() for m in masks] == [[False, False, False], [True, True], [True]]
+
+
+def _brute_force_masks(sources: list[list[str]]) -> list[list[bool]]:
+    last: dict[str, tuple[int, int]] = {}
+    for s, ids in enumerate(sources):
+        for i, id_ in enumerate(ids):
+            last[id_] = (s, i)
+    return [[last[id_] == (s, i) for i, id_ in enumerate(ids)] for s, ids in enumerate(sources)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_superseded_masks_keep_exactly_the_latest_row_of_each_id(seed: int) -> None:
+    rng = random.Random(seed)
+    pool = [f"id-{n}" for n in range(rng.choice([5, 50, 5000]))]
+    sources = [[rng.choice(pool) for _ in range(rng.randrange(0, 300))]
+               for _ in range(rng.randrange(1, 6))]
+    # Chunked like a Parquet read: several chunks per source, some empty.
+    columns: list[pa.ChunkedArray[Any] | pa.Array[Any]] = []
+    for ids in sources:
+        cut = rng.randrange(0, len(ids) + 1)
+        columns.append(pa.chunked_array([ids[:cut], [], ids[cut:]], type=pa.string()))
+    expected = _brute_force_masks(sources)
+    masks = superseded_masks(columns)
+    for mask, want in zip(masks, expected, strict=True):
+        assert (mask.to_pylist() if mask is not None else [True] * len(want)) == want
+        assert (mask is None) == all(want)
+    assert [m.to_pylist() for m in keep_masks(columns)] == expected
+
+
+def test_write_final_without_duplicates_keeps_every_row_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "PART_BATCH_ROWS", 3)
+    p1 = part_from_rows(tmp_path / "p1.parquet", [row(f"a{i}") for i in range(7)])
+    p2 = part_from_rows(tmp_path / "p2.parquet", [row(f"b{i}", columns={"n": i})
+                                                  for i in range(5)])
+    out = tmp_path / "out.parquet"
+    assert write_final([p1, p2], out) == 12
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [f"a{i}" for i in range(7)] + [
+        f"b{i}" for i in range(5)]
+    assert table.column("n").to_pylist() == [None] * 7 + list(range(5))
+
+
+def test_input_columns_that_come_and_go_stay_aligned_with_their_rows() -> None:
+    recs = [result_to_record(row(f"r{i}", columns=cols)) for i, cols in enumerate(
+        [{"x": 1}, {}, {"x": 3, "y": "b"}, {"y": "c"}, {"x": 5}])]
+    table = records_to_table(recs)
+    assert table.column("x").to_pylist() == [1, None, 3, None, 5]
+    assert table.column("y").to_pylist() == [None, None, "b", "c", None]
+
+
+def test_fixed_fields_of_the_wrong_type_are_made_to_fit() -> None:
+    recs: list[dict[str, Any]] = [
+        {**result_to_record(row("a")), "prompt_tokens": True, "cost_usd": 2, "output": 5,
+         "attempts": 1.5, "latency_ms": "slow", "tool_calls": [{"f": 1}]},
+        {"id": "b", "status": "error", COLUMNS_KEY: ["not", "a", "dict"]},  # hand-made
+    ]
+    table = records_to_table(recs)
+    got = table.to_pylist()
+    assert table.schema == RESULT_SCHEMA
+    assert got[0]["prompt_tokens"] is None and got[0]["cost_usd"] == 2.0
+    assert got[0]["output"] == "5" and got[0]["attempts"] is None
+    assert got[0]["latency_ms"] is None and got[0]["tool_calls"] == '[{"f":1}]'
+    assert got[1]["id"] == "b" and got[1]["status"] == "error" and got[1]["output"] is None
+
+
+def test_write_part_holds_one_batch_of_values_not_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "PART_BATCH_ROWS", 256)
+
+    def peak(n: int) -> int:
+        journal = tmp_path / f"journal-{n}.jsonl"
+        journal.write_bytes(encode_records(
+            result_to_record(row(f"r{i}", output="x" * 200, columns={"n": i}))
+            for i in range(n)))
+        tracemalloc.start()
+        try:
+            assert write_part(journal, tmp_path / f"part-{n}.parquet").records == n
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(1000), peak(8000)
+    assert large < 1.5 * small, (small, large)
 
 
 def test_write_final_merges_latest_wins_and_unifies_types(tmp_path: Path) -> None:

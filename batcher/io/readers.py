@@ -6,7 +6,8 @@ import gzip
 import io
 import string
 import zlib
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
@@ -39,9 +40,9 @@ BATCH_ID_COLUMN: Final = "custom_id"
 DEFAULT_PROMPT_COLUMN: Final = "prompt"
 
 # Reading: large enough that per-chunk costs vanish, small enough that a chunk split into
-# lines (~15k bytes objects) stays a few MiB. Counting never splits, so it reads more at once.
+# lines (~15k bytes objects) stays a few MiB. Counting uses the same size: larger blocks were
+# no faster (1 MiB stays in cache) and cost their size twice over in RSS for good.
 _CHUNK_BYTES = 1 << 20
-_COUNT_CHUNK_BYTES = 8 << 20
 _PARQUET_BUFFER_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -110,7 +111,7 @@ class RowBatch:
 
 
 def iter_batches(path: Path, options: ReaderOptions,
-                 skip_ids: Container[str] | None = None) -> Iterator[RowBatch]:
+                 skip_ids: AbstractSet[str] | None = None) -> Iterator[RowBatch]:
     """Stream ``path`` as batches of request rows, in input order.
 
     Working memory is bounded by ``batch_size`` rows plus a 1 MiB read buffer (JSONL) or
@@ -122,11 +123,15 @@ def iter_batches(path: Path, options: ReaderOptions,
 
     Rows whose id is in ``skip_ids`` are not returned (resume) but still count toward
     duplicate detection and ``lines_read``. An id belongs to the first row that has it, even
-    when that row is reported for another problem; later rows with it are duplicates.
+    when that row is reported for another problem; later rows with it are duplicates. (A
+    duplicate of a skipped id is reported without the first row's position: skipped ids are
+    tracked in a set, with one hash operation per skipped row, which is what makes resuming a
+    mostly-done input fast.)
 
     The only state that grows with the input is the map of ids seen so far (id string →
     packed first position, needed to say where a duplicate was first seen): about 125 bytes
-    per 12-character id, i.e. ~1.2 GB for 10M rows.
+    per 12-character id, i.e. ~1.2 GB for 10M rows; skipped ids are not in it, but a copy of
+    ``skip_ids`` is held instead (shrinking as they are met).
     """
     kind, files = _resolve(Path(path))
     template = _Template.parse(options.template) if options.template is not None else None
@@ -162,7 +167,7 @@ def count_rows(path: Path) -> int:
                 total += parquet_file.metadata.num_rows
         return total
     first = True
-    for block in _read_blocks(files[0], str(files[0]), kind == "jsonl.gz", _COUNT_CHUNK_BYTES):
+    for block in _read_blocks(files[0], str(files[0]), kind == "jsonl.gz"):
         if first and block.startswith(_BOM):  # a BOM is not content (as when reading)
             block = block[len(_BOM):]
         first = False
@@ -261,8 +266,7 @@ def _open_binary(path: Path, source: str, gz: bool) -> io.BufferedIOBase:
         raise InputError(source, f"cannot open: {_short(exc)}") from exc
 
 
-def _read_blocks(path: Path, source: str, gz: bool,
-                 chunk_bytes: int | None = None) -> Iterator[bytes]:
+def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
     """The file's bytes in large blocks, each ending just after a newline (the last may not).
 
     Read and decompression errors become :class:`InputError`.
@@ -271,7 +275,7 @@ def _read_blocks(path: Path, source: str, gz: bool,
         pending: list[bytes] = []
         while True:
             try:
-                chunk = stream.read(chunk_bytes or _CHUNK_BYTES)
+                chunk = stream.read(_CHUNK_BYTES)
             except (OSError, EOFError, zlib.error) as exc:
                 raise InputError(source, f"cannot read: {_short(exc)}") from exc
             if not chunk:
@@ -381,15 +385,18 @@ def _template_text(value: Any) -> str:
 class _RowBuilder:
     """Turns decoded rows into :class:`RequestRow` or :class:`InputProblem`.
 
-    Owns what spans the whole input: the running data-row ordinal (for ``row-{n}`` ids) and
-    the first position of every id seen (for duplicates).
+    Owns what spans the whole input: the running data-row ordinal (for ``row-{n}`` ids), the
+    first position of every id seen that is not skipped, and the skipped ids not met yet (both
+    for duplicates: an id is either skipped in every row that has it or in none).
     """
 
     def __init__(self, options: ReaderOptions, template: _Template | None,
-                 skip_ids: Container[str] | None, sources: list[str]) -> None:
+                 skip_ids: AbstractSet[str] | None, sources: list[str]) -> None:
         self.options = options
         self.template = template
-        self.skip_ids = skip_ids
+        self.skip_ids = skip_ids if skip_ids else None
+        # One hash operation per skipped row (a removal) instead of a lookup plus an insert.
+        self.unseen_skips: set[str] | None = set(skip_ids) if skip_ids else None
         self.sources = sources
         self.prompt_column = options.prompt_column or DEFAULT_PROMPT_COLUMN
         self.ordinal = 0
@@ -414,6 +421,10 @@ class _RowBuilder:
         if self.template is not None or self.options.prompt_column is not None:
             shape = "template" if self.template is not None else "prompt"
         build = self.row_function(shape, source, 0) if shape is not None else None
+        # Resume: a row with a string id met for the first time and to be skipped is dealt
+        # with right here, not in `build`: most lines of a mostly-done input are such.
+        unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
+        id_column = self.id_column(shape) if shape is not None else ""
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         rows: list[RequestRow] = []
@@ -447,11 +458,16 @@ class _RowBuilder:
                     if type(obj) is not dict:
                         problems.append(InputProblem(
                             source, line, None, f"not a JSON object (got {_kind(obj)})"))
+                    elif unseen_remove is not None and build is not None and type(
+                            row_id := obj.get(id_column)) is str and _removed(unseen_remove,
+                                                                              row_id):
+                        pass  # skipped: done already
                     else:
                         if build is None:
                             shape = detect_shape(obj, self.options)
                             if shape is not None:
                                 build = self.row_function(shape, source, 0)
+                                id_column = self.id_column(shape)
                         if build is None:
                             problems.append(InputProblem(
                                 source, line, self.prompt_column,
@@ -483,7 +499,8 @@ class _RowBuilder:
         id_column = self.id_column(shape)
         prompt_column = self.prompt_column
         seen_setdefault = self.seen.setdefault
-        skip_ids = self.skip_ids
+        skip_ids = self.skip_ids if self.skip_ids is not None else frozenset()
+        unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
         template = self.template
         where = self.where
         base = file_index << _LINE_BITS
@@ -506,13 +523,17 @@ class _RowBuilder:
             else:
                 return InputProblem(source, line, id_column,
                                     f"must be a string or an integer, got {_kind(raw_id)}")
+            if unseen_remove is not None:
+                if _removed(unseen_remove, row_id):
+                    return None  # done already
+                if row_id in skip_ids:
+                    return InputProblem(source, line, id_column, f"duplicate id {row_id!r} (an "
+                                        "earlier row has it, and that row is done already)")
             position = base | line
             first = seen_setdefault(row_id, position)
             if first != position:
                 return InputProblem(source, line, id_column,
                                     f"duplicate id {row_id!r} (first seen at {where(first)})")
-            if skip_ids is not None and row_id in skip_ids:
-                return None
 
             prompt: str | None = None
             messages: list[dict[str, JSON]] | None = None
@@ -657,6 +678,15 @@ def _request_row_factory() -> Callable[..., RequestRow]:
 
 
 _make_request_row = _request_row_factory()
+
+
+def _removed(remove: Callable[[str], None], item: str) -> bool:
+    """Whether ``remove(item)`` found ``item`` (and removed it)."""
+    try:
+        remove(item)
+    except KeyError:
+        return False
+    return True
 
 
 def _check_messages(value: Any) -> str | None:
