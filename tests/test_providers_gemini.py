@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,71 +11,52 @@ from batcher import errors
 from batcher.errors import InputError, ProviderError
 from batcher.providers import get_provider
 from batcher.providers.gemini import retry_info_seconds
-from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow
+from batcher.types import HttpRequest, HttpResponse, RequestContext, RequestRow
+from tests.golden_cases import (
+    GOLDEN_ROOT,
+    answer_dict,
+    assert_request_matches,
+    load,
+    make_row,
+    response_of,
+)
 
-GOLDEN = Path(__file__).parent / "golden" / "gemini"
+GOLDEN = GOLDEN_ROOT / "gemini"
 PROVIDER = get_provider("gemini")
 
 
-def load(name: str) -> Any:
-    return orjson.loads((GOLDEN / name).read_bytes())
 
 
-def make_row(spec: dict[str, Any]) -> RequestRow:
-    spec = dict(spec)
-    return RequestRow(id=spec.pop("id"), shape=spec.pop("shape"), source="in.jsonl", line=9,
-                      **spec)
 
 
-def response_of(case: dict[str, Any]) -> HttpResponse:
-    body = orjson.dumps(case["json"]) if "json" in case else case["text"].encode()
-    return HttpResponse(case["status"], case.get("headers", {}), body)
 
 
 REQUEST = HttpRequest("POST", "http://h/v1beta/models/m:generateContent", {}, b"{}", model="m")
 
 
-def answer_dict(answer: Answer) -> dict[str, Any]:
-    u = answer.usage
-    return {
-        "output": answer.output, "finish_reason": answer.finish_reason,
-        "finish_reason_raw": answer.finish_reason_raw, "model": answer.model,
-        "response_id": answer.response_id,
-        "tool_calls": orjson.loads(answer.tool_calls) if answer.tool_calls else None,
-        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                  "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
-                  "reasoning_tokens": u.reasoning_tokens},
-    }
 
 
-REQUESTS = load("requests.json")
-RESPONSES = load("responses.json")
-ERRORS = load("errors.json")
+REQUESTS = load(GOLDEN, "requests.json")
+RESPONSES = load(GOLDEN, "responses.json")
+ERRORS = load(GOLDEN, "errors.json")
 
 
 @pytest.mark.parametrize("case", REQUESTS, ids=[c["name"] for c in REQUESTS])
 def test_build_request_golden(case: dict[str, Any]) -> None:
-    request = PROVIDER.build_request(make_row(case["row"]), RequestContext(**case["ctx"]))
-    expected = case["expected"]
-    assert request.method == expected["method"]
-    assert request.url == expected["url"]
-    assert dict(request.headers) == expected["headers"]
-    assert orjson.loads(request.body) == expected["body"]
-    assert request.model == expected["model"]
-    assert request.stream is expected["stream"]
-    assert request.max_tokens == expected["max_tokens"]
+    request = PROVIDER.build_request(make_row(case["row"], line=9), RequestContext(**case["ctx"]))
+    assert_request_matches(request, case["expected"])
 
 
 @pytest.mark.parametrize("case", RESPONSES, ids=[c["name"] for c in RESPONSES])
 def test_parse_response_golden(case: dict[str, Any]) -> None:
-    assert answer_dict(PROVIDER.parse_response(REQUEST, response_of(case))) == case["answer"]
+    assert answer_dict(PROVIDER.parse_response(REQUEST, response_of(GOLDEN, case))) == case["answer"]
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=[c["name"] for c in ERRORS])
 def test_error_golden(case: dict[str, Any]) -> None:
     expected = case["error"]
     with pytest.raises(ProviderError) as info:
-        PROVIDER.parse_response(REQUEST, response_of(case))
+        PROVIDER.parse_response(REQUEST, response_of(GOLDEN, case))
     assert type(info.value) is getattr(errors, expected["class"]), info.value
     assert info.value.status == expected["status"]
     if "retry_after" in expected:

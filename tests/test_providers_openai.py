@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,33 +11,27 @@ from batcher import errors
 from batcher.errors import InputError, InvalidResponse, ProviderError
 from batcher.providers import get_provider, provider_for_row, provider_names
 from batcher.providers.openai import normalise_finish_reason, parse_embeddings
-from batcher.types import Answer, HttpRequest, HttpResponse, RequestContext, RequestRow
+from batcher.types import HttpRequest, HttpResponse, RequestContext, RequestRow
+from tests.golden_cases import (
+    GOLDEN_ROOT,
+    answer_dict,
+    assert_request_matches,
+    load,
+    make_row,
+    response_of,
+)
 
-GOLDEN = Path(__file__).parent / "golden" / "openai"
+GOLDEN = GOLDEN_ROOT / "openai"
 
 
-def load(name: str) -> Any:
-    return orjson.loads((GOLDEN / name).read_bytes())
 
 
-def make_row(spec: dict[str, Any]) -> RequestRow:
-    spec = dict(spec)
-    return RequestRow(id=spec.pop("id"), shape=spec.pop("shape"), source="in.jsonl", line=7,
-                      **spec)
 
 
 def make_ctx(spec: dict[str, Any]) -> RequestContext:
     return RequestContext(**spec)
 
 
-def response_of(case: dict[str, Any]) -> HttpResponse:
-    if "json" in case:
-        body = orjson.dumps(case["json"])
-    elif "file" in case:
-        body = (GOLDEN / case["file"]).read_bytes()
-    else:
-        body = case["text"].encode()
-    return HttpResponse(case["status"], case.get("headers", {}), body)
 
 
 def request_for(case: dict[str, Any]) -> HttpRequest:
@@ -46,48 +39,24 @@ def request_for(case: dict[str, Any]) -> HttpRequest:
                        stream=bool(case.get("stream")))
 
 
-def answer_dict(answer: Answer) -> dict[str, Any]:
-    return {
-        "output": answer.output,
-        "finish_reason": answer.finish_reason,
-        "finish_reason_raw": answer.finish_reason_raw,
-        "model": answer.model,
-        "response_id": answer.response_id,
-        "tool_calls": orjson.loads(answer.tool_calls) if answer.tool_calls else None,
-        "usage": {
-            "prompt_tokens": answer.usage.prompt_tokens,
-            "completion_tokens": answer.usage.completion_tokens,
-            "total_tokens": answer.usage.total_tokens,
-            "cached_tokens": answer.usage.cached_tokens,
-            "reasoning_tokens": answer.usage.reasoning_tokens,
-        },
-        **({"embedding": answer.embedding} if answer.embedding is not None else {}),
-    }
 
 
-REQUESTS = load("requests.json")
-RESPONSES = load("responses.json")
-ERRORS = load("errors.json")
+REQUESTS = load(GOLDEN, "requests.json")
+RESPONSES = load(GOLDEN, "responses.json")
+ERRORS = load(GOLDEN, "errors.json")
 
 
 @pytest.mark.parametrize("case", REQUESTS, ids=[c["name"] for c in REQUESTS])
 def test_build_request_golden(case: dict[str, Any]) -> None:
-    request = get_provider(case["endpoint"]).build_request(make_row(case["row"]),
+    request = get_provider(case["endpoint"]).build_request(make_row(case["row"], line=7),
                                                           make_ctx(case["ctx"]))
-    expected = case["expected"]
-    assert request.method == expected["method"]
-    assert request.url == expected["url"]
-    assert dict(request.headers) == expected["headers"]
-    assert orjson.loads(request.body) == expected["body"]
-    assert request.model == expected["model"]
-    assert request.stream is expected["stream"]
-    assert request.max_tokens == expected["max_tokens"]
+    assert_request_matches(request, case["expected"])
 
 
 @pytest.mark.parametrize("case", RESPONSES, ids=[c["name"] for c in RESPONSES])
 def test_parse_response_golden(case: dict[str, Any]) -> None:
     provider = get_provider(case["endpoint"])
-    answer = provider.parse_response(request_for(case), response_of(case))
+    answer = provider.parse_response(request_for(case), response_of(GOLDEN, case))
     assert answer_dict(answer) == case["answer"]
 
 
@@ -96,7 +65,7 @@ def test_error_golden(case: dict[str, Any]) -> None:
     provider = get_provider(case.get("endpoint", "chat"))
     expected = case["error"]
     with pytest.raises(ProviderError) as info:
-        provider.parse_response(request_for(case), response_of(case))
+        provider.parse_response(request_for(case), response_of(GOLDEN, case))
     exc = info.value
     assert type(exc) is getattr(errors, expected["class"]), exc
     assert exc.status == expected["status"]
