@@ -12,10 +12,6 @@ so "rows/s with the client on one core" is what is measured. Everything is on 12
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,34 +20,8 @@ from pathlib import Path
 
 import orjson
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pinned(cpu: int, cmd: list[str]) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > cpu:
-        return ["taskset", "-c", str(cpu), *cmd]
-    return cmd
-
-
-def start_simulator(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(pinned(1, [sys.executable, "-m", "batcher", "simulate", "--port",
-                                       str(port), *args]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("simulator did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
+from tests.perf.bench_limits import Simulator, pinned
 
 
 def make_input(folder: Path, rows: int) -> Path:
@@ -98,8 +68,8 @@ def steady_rate(out: Path) -> float:
 
 
 def bench_fast(tmp: Path, rows: int = 20_000) -> None:
-    sim, url = start_simulator()
-    try:
+    with Simulator() as sim:
+        url = sim.base_url
         src = make_input(tmp, rows)
         wall, summary, _ = run_client(src, tmp / "fast.parquet", url, "--concurrency", "64")
         duration = float(summary["duration_s"])  # type: ignore[arg-type]
@@ -107,13 +77,11 @@ def bench_fast(tmp: Path, rows: int = 20_000) -> None:
               f"(run {duration:.2f} s; whole process incl. start-up {wall:.2f} s, "
               f"{rows / wall:,.0f} rows/s; steady state {steady_rate(tmp / 'fast.parquet'):,.0f}"
               " rows/s)")
-    finally:
-        sim.kill()
 
 
 def bench_latency(tmp: Path, rows: int = 12_800) -> None:
-    sim, url = start_simulator("--latency-ms", "200")
-    try:
+    with Simulator("--latency-ms", "200") as sim:
+        url = sim.base_url
         src = make_input(tmp, rows)
         _, summary, _ = run_client(src, tmp / "lat.parquet", url, "--concurrency", "256")
         duration = float(summary["duration_s"])  # type: ignore[arg-type]
@@ -123,13 +91,11 @@ def bench_latency(tmp: Path, rows: int = 12_800) -> None:
         print(f"latency: {rows:,} rows, 200 ms, concurrency 256: {rate:,.0f} rows/s = "
               f"{rate / ideal:.1%} of the {ideal:,.0f} rows/s Little's law allows "
               f"(whole run); steady state {steady:,.0f} rows/s = {steady / ideal:.1%}")
-    finally:
-        sim.kill()
 
 
 def bench_memory(tmp: Path) -> None:
-    sim, url = start_simulator()
-    try:
+    with Simulator() as sim:
+        url = sim.base_url
         peaks = {}
         for rows in (20_000, 200_000):
             src = make_input(tmp, rows)
@@ -137,8 +103,6 @@ def bench_memory(tmp: Path) -> None:
             peaks[rows] = rss / 1024
             print(f"memory: {rows:,} rows: peak RSS {rss / 1024:,.0f} MiB")
         print(f"memory: ratio 200k/20k = {peaks[200_000] / peaks[20_000]:.2f}")
-    finally:
-        sim.kill()
 
 
 def main() -> None:
@@ -147,7 +111,6 @@ def main() -> None:
         tmp = Path(d)
         for name in which:
             {"fast": bench_fast, "latency": bench_latency, "memory": bench_memory}[name](tmp)
-    _ = resource  # imported for the child's snippet documentation
 
 
 if __name__ == "__main__":
