@@ -28,6 +28,7 @@ from batcher.config import RunConfig
 from batcher.errors import (
     Aborted,
     AuthError,
+    BatcherError,
     BudgetExceeded,
     ConfigError,
     InputError,
@@ -147,7 +148,7 @@ class Runner:
         self.progress = Progress()
         self.stop_reason: str | None = None
         self._abort_error: Aborted | JobFatal | None = None
-        self._input_error: InputError | None = None
+        self._input_error: InputError | ConfigError | None = None
         self._on_problem = on_problem
         self._log = get_logger()
         self._stop_event = asyncio.Event()
@@ -203,6 +204,7 @@ class Runner:
         options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
                                 template=config.template)
         total = count_rows(config.input)
+        iter_batches(config.input, options)  # checks the file and options up front (exit 2)
         if config.strict:
             self._validate_strict(options)
         fingerprint = self._fingerprint()
@@ -294,6 +296,12 @@ class Runner:
                     if self._reader is not None and not self._reader.done():
                         self._reader.cancel()
                     await writer
+            except BaseExceptionGroup as group:
+                # One of ours (e.g. bad input found by the reader) is reported as itself.
+                ours = [e for e in group.exceptions if isinstance(e, BatcherError)]
+                if ours:
+                    raise ours[0] from group
+                raise
             finally:
                 self._workers_done = True
 
@@ -306,7 +314,7 @@ class Runner:
                 for row in batch.rows:
                     await rows.put(row)
                 await asyncio.sleep(0)
-        except InputError as exc:
+        except (InputError, ConfigError) as exc:
             # Fatal input trouble found mid-file: stop like an interrupt, answers kept.
             self._input_error = exc
             self.request_stop("input")

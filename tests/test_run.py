@@ -274,3 +274,14 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path, sim: SimulatorThread)
     assert {"run_started", "bad_row_skipped", "run_finished"} <= {e["event"] for e in events}
     for event in events:
         assert {"event", "level", "timestamp", "run_id"} <= set(event)
+
+
+def test_bad_template_exits_2_with_a_message_and_leaves_no_state(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    out = tmp_path / "out.parquet"
+    result = _run(sim, src, out, "--template", "Say {prompt!r}")
+    assert result.exit_code == 2
+    assert "template" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.parquet.state").exists()
+    assert sim.stats.requests == 0
