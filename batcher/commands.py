@@ -196,6 +196,9 @@ def execute_status(target: Path, *, as_json: bool) -> int:
         infos = [status(output) for output in outputs]
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
+    if not any(info.get("state_exists") or info.get("output_exists") for info in infos):
+        names = ", ".join(str(o) for o in outputs)
+        return _fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
     if as_json:
         print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
         return 0

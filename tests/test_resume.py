@@ -228,3 +228,9 @@ def test_second_ctrl_c_stops_at_once_and_state_stays_consistent(
                      "gpt-4o-mini", "--no-progress")
     assert result.exit_code == 0, result.stderr
     _assert_exactly_once(out, [r["id"] for r in rows])
+
+
+def test_status_of_an_output_that_never_ran_exits_2(tmp_path: Path) -> None:
+    result = run_cli("status", tmp_path / "typo.parquet")
+    assert result.exit_code == 2
+    assert "typo.parquet" in result.stderr and "no output and no state" in result.stderr
