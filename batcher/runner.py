@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -734,10 +734,8 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
 
 
-async def run_job(config: RunConfig, **kwargs: object) -> RunSummary:
-    """Convenience for library users: run one job to the end and return its summary."""
-    runner = Runner(config, **kwargs)  # type: ignore[arg-type]
-    return await runner.run()
-
-
-Hook = Callable[[Runner], Awaitable[None]]
+async def run_job(config: RunConfig, *, run_id: str | None = None) -> RunSummary:
+    """Convenience for library users: run one job to the end and return its summary
+    (``asyncio.run(run_job(make_config({...})))``). Signals are not handled here; the CLI
+    adds that."""
+    return await Runner(config, run_id=run_id).run()

@@ -285,3 +285,17 @@ def test_bad_template_exits_2_with_a_message_and_leaves_no_state(
     assert "template" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.parquet.state").exists()
     assert sim.stats.requests == 0
+
+
+def test_library_use_without_the_cli(tmp_path: Path, sim: SimulatorThread) -> None:
+    import asyncio
+
+    from batcher.config import make_config
+    from batcher.runner import run_job
+
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(7))
+    config = make_config({"input": src, "output": tmp_path / "lib.parquet",
+                          "base_url": sim.base_url, "model": "gpt-4o-mini", "concurrency": 3})
+    summary = asyncio.run(run_job(config))
+    assert (summary.outcome, summary.exit_code, summary.ok) == ("finished", 0, 7)
+    assert len(read_output(tmp_path / "lib.parquet")) == 7
