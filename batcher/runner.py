@@ -256,7 +256,18 @@ class Runner:
         }
 
     def _check_output_writable(self) -> None:
-        parent = self.config.output.resolve().parent
+        """Refuse outputs that would destroy data: the input itself, or an existing file that
+        batcher did not write (no state beside it) unless ``--restart`` says to replace it."""
+        config = self.config
+        output, source = config.output.resolve(), config.input.resolve()
+        if output == source or source in output.parents:
+            raise ConfigError(f"output {config.output} would overwrite the input {config.input}")
+        if output.exists() and not config.state_dir.exists() and not config.restart:
+            raise ConfigError(
+                f"output {config.output} already exists and was not written by batcher (no "
+                f"{config.state_dir.name} beside it); choose another -o, or pass --restart to "
+                "replace it")
+        parent = output.parent
         if not parent.is_dir():
             raise ConfigError(f"output folder {parent} does not exist")
         if not os.access(parent, os.W_OK):

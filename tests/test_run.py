@@ -299,3 +299,19 @@ def test_library_use_without_the_cli(tmp_path: Path, sim: SimulatorThread) -> No
     summary = asyncio.run(run_job(config))
     assert (summary.outcome, summary.exit_code, summary.ok) == ("finished", 0, 7)
     assert len(read_output(tmp_path / "lib.parquet")) == 7
+
+
+def test_an_existing_file_is_never_clobbered_without_restart(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    precious = tmp_path / "precious.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), precious)
+    result = _run(sim, src, precious)
+    assert result.exit_code == 2 and "--restart" in result.stderr
+    assert pq.read_table(precious).column_names == ["x"]
+    assert _run(sim, src, src).exit_code == 2                    # the input itself
+    assert src.read_bytes().count(b"\n") == 3
+    assert sim.stats.requests == 0
+    result = _run(sim, src, precious, "--restart")
+    assert result.exit_code == 0, result.stderr
+    assert len(read_output(precious)) == 3
