@@ -315,3 +315,12 @@ def test_an_existing_file_is_never_clobbered_without_restart(
     result = _run(sim, src, precious, "--restart")
     assert result.exit_code == 0, result.stderr
     assert len(read_output(precious)) == 3
+
+
+def test_unreadable_parquet_exits_2_naming_the_file(tmp_path: Path, sim: SimulatorThread) -> None:
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    result = _run(sim, broken, tmp_path / "out.parquet")
+    assert result.exit_code == 2
+    assert "broken.parquet" in result.stderr and "Traceback" not in result.stderr
+    assert sim.stats.requests == 0
