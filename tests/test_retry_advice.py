@@ -1,0 +1,43 @@
+"""Reading the server's wait advice from headers, and joining base URLs (pure functions)."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from batcher.providers.base import join_url, parse_duration, retry_after_seconds
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("20ms", 0.02), ("1s", 1.0), ("6m0s", 360.0), ("1m30.5s", 90.5), ("2h", 7200.0),
+    ("1.5", 1.5), ("0", 0.0), ("", None), ("soon", None), ("5x", None), ("1s2", None),
+])
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_retry_after_prefers_ms_then_seconds_then_http_date_then_resets() -> None:
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_seconds({"retry-after": "3"}) == 3.0
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now + 42, usegmt=True)
+    assert retry_after_seconds({"retry-after": date}, now=now) == pytest.approx(42, abs=1)
+    assert retry_after_seconds({"retry-after": email.utils.formatdate(now - 10, usegmt=True)},
+                               now=now) == 0.0
+    assert retry_after_seconds({"x-ratelimit-reset-requests": "20ms",
+                                "x-ratelimit-reset-tokens": "6m0s"}) == 360.0
+    assert retry_after_seconds({"retry-after": "garbage"}) is None
+    assert retry_after_seconds({}) is None
+
+
+@pytest.mark.parametrize(("base", "path", "url"), [
+    ("https://api.openai.com/v1", "/chat/completions", "https://api.openai.com/v1/chat/completions"),
+    ("https://api.openai.com/v1/", "chat/completions", "https://api.openai.com/v1/chat/completions"),
+    ("http://h/v1", "/v1/chat/completions", "http://h/v1/chat/completions"),
+    ("http://h/v1beta", "/models/m:generateContent", "http://h/v1beta/models/m:generateContent"),
+    ("http://gw/openai/v1", "/v1/embeddings", "http://gw/openai/v1/embeddings"),
+    ("http://h", "/v1/chat/completions", "http://h/v1/chat/completions"),
+])
+def test_join_url_never_doubles_the_version(base: str, path: str, url: str) -> None:
+    assert join_url(base, path) == url
