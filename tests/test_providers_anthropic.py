@@ -25,17 +25,9 @@ GOLDEN = GOLDEN_ROOT / "anthropic"
 PROVIDER = get_provider("anthropic")
 
 
-
-
-
-
-
-
 def request_for(case: dict[str, Any]) -> HttpRequest:
     return HttpRequest("POST", "http://h/v1/messages", {}, b"{}", model="m",
                        stream=bool(case.get("stream")))
-
-
 
 
 REQUESTS = load(GOLDEN, "requests.json")

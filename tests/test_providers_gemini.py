@@ -25,15 +25,7 @@ GOLDEN = GOLDEN_ROOT / "gemini"
 PROVIDER = get_provider("gemini")
 
 
-
-
-
-
-
-
 REQUEST = HttpRequest("POST", "http://h/v1beta/models/m:generateContent", {}, b"{}", model="m")
-
-
 
 
 REQUESTS = load(GOLDEN, "requests.json")

@@ -24,21 +24,13 @@ from tests.golden_cases import (
 GOLDEN = GOLDEN_ROOT / "openai"
 
 
-
-
-
-
 def make_ctx(spec: dict[str, Any]) -> RequestContext:
     return RequestContext(**spec)
-
-
 
 
 def request_for(case: dict[str, Any]) -> HttpRequest:
     return HttpRequest("POST", "http://h/v1/x", {}, b"{}", model="m",
                        stream=bool(case.get("stream")))
-
-
 
 
 REQUESTS = load(GOLDEN, "requests.json")
