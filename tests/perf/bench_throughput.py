@@ -18,20 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
-from tests.perf.bench_limits import Simulator, pinned
-
-
-def make_input(folder: Path, rows: int) -> Path:
-    path = folder / f"in-{rows}.jsonl"
-    with path.open("wb") as f:
-        for i in range(rows):
-            f.write(orjson.dumps({"id": f"row-{i:08d}",
-                                  "prompt": f"Classify item {i}: is it a fruit or a tool?"}))
-            f.write(b"\n")
-    return path
+from tests.perf.bench_limits import Simulator, make_input, pinned
 
 
 def run_client(src: Path, out: Path, base_url: str, *extra: str) -> tuple[float, dict[str, object],
