@@ -22,6 +22,7 @@ from batcher.io.readers import ReaderOptions, iter_batches
 from batcher.jobfile import is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, configure_logging, get_logger
 from batcher.runner import Runner, RunSummary, write_summary
+from batcher.secrets import redact_argv
 from batcher.types import RequestContext, RequestRow
 
 _NOT_CONFIG = ("log_format", "no_progress")
@@ -73,9 +74,9 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         return _fail(exc, exc.exit_code)
     configure_logging(log_format,
                       {"run_id": run_id, **({"job": config.job} if config.job else {})})
-    runner = Runner(config, run_id=run_id)
     progress_on = show_progress and sys.stderr.isatty()
     try:
+        runner = Runner(config, run_id=run_id)
         summary = run_async(_run_with_signals(runner, progress_on))
     except BatcherError as exc:
         get_logger().error("run_failed", error=str(exc), exit_code=exc.exit_code)
@@ -89,7 +90,7 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
 
 def _resume_command(argv: list[str]) -> str:
     """The command line that resumes this run: the same one, without --restart."""
-    return shlex.join(["batcher", *(a for a in argv if a != "--restart")])
+    return shlex.join(["batcher", *redact_argv([a for a in argv if a != "--restart"])])
 
 
 def _report(summary: RunSummary, *, table: bool) -> None:

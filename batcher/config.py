@@ -40,7 +40,8 @@ class RunConfig:
     id_column: str | None = None
     prompt_column: str | None = None
     params: Mapping[str, JSON] = field(default_factory=dict)
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Extra headers as given; a value ``env:NAME`` is read from the environment at run time."""
     concurrency: int = DEFAULT_CONCURRENCY
     batch_size: int = DEFAULT_BATCH_SIZE
     """Embeddings only: rows sent together in one request's ``input`` array."""

@@ -49,6 +49,7 @@ from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.retry import retrying
+from batcher.secrets import check_key, redactor, resolve_headers
 from batcher.tokens import request_input_tokens, request_max_output_tokens, tokenizer_name
 from batcher.types import (
     Answer,
@@ -171,10 +172,9 @@ class Runner:
         self._budget = Budget(config.max_cost)
         self._group_size = config.batch_size if config.endpoint == "embeddings" else 1
         self._throttle: Throttle | None = None
-        self._ctx = RequestContext(
-            base_url=config.base_url, model=config.model, api_key=config.api_key(),
-            system=config.system, params=dict(config.params), headers=dict(config.headers),
-        )
+        self._ctx = request_context(config)
+        self._redact = redactor(self._ctx.api_key, self._ctx.headers)
+        """The text with the API key and secret header values masked."""
 
     # --- public ---------------------------------------------------------------------------
 
@@ -664,11 +664,6 @@ class Runner:
                 f"the server looks down: no request has succeeded for {quiet:.0f} s "
                 f"(limit {self.config.server_down_after:g} s). Rerun the same command to resume"))
 
-    def _redact(self, text: str) -> str:
-        """The text with the API key replaced, for servers that quote it back."""
-        key = self._ctx.api_key
-        return text.replace(key, "***") if key and key in text else text
-
     def _abort(self, exc: Aborted | JobFatal) -> None:
         if isinstance(exc, ProviderError):
             message = self._redact(exc.message)
@@ -832,6 +827,16 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def request_context(config: RunConfig) -> RequestContext:
+    """What every request of ``config``'s job shares; ``env:`` header values resolved.
+    Refuses (ConfigError, exit 2) to go keyless to a server that is not on this machine."""
+    headers = resolve_headers(config.headers)
+    api_key = config.api_key()
+    check_key(config.base_url, api_key, headers, config.api_key_env)
+    return RequestContext(base_url=config.base_url, model=config.model, api_key=api_key,
+                          system=config.system, params=dict(config.params), headers=headers)
 
 
 async def run_job(config: RunConfig, *, run_id: str | None = None) -> RunSummary:

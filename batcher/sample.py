@@ -51,6 +51,7 @@ from batcher.pool import Transport
 from batcher.pricing import Price, cost_usd, price_for
 from batcher.providers import provider_for_row
 from batcher.retry import retrying
+from batcher.secrets import redactor
 from batcher.tokens import request_input_tokens, request_max_output_tokens
 from batcher.types import Answer, HttpRequest, RequestContext, RequestRow
 
@@ -214,9 +215,10 @@ def _measure(config: RunConfig, row: RequestRow, ctx: RequestContext, request: H
 async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOutcome:
     """Send ``rows`` for real, as the job would (see the module docstring), and measure the
     answers. Raises the first :class:`JobFatal` (auth, quota) after stopping."""
-    ctx = RequestContext(base_url=config.base_url, model=config.model, api_key=config.api_key(),
-                         system=config.system, params=dict(config.params),
-                         headers=dict(config.headers))
+    from batcher.runner import request_context
+
+    ctx = request_context(config)
+    redact = redactor(ctx.api_key, ctx.headers)
     outcome = SampleOutcome(sent=0)
     if not rows:
         return outcome
@@ -257,8 +259,11 @@ async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOu
             try:
                 outcome.answers.append(await one(row, transport))
             except JobFatal as exc:
-                fatal.append(exc)
-            except (ProviderError, InputError) as exc:
+                fatal.append(type(exc)(redact(exc.message), exc.status))
+            except ProviderError as exc:
+                # Servers quote keys back in errors: masked as `run` masks them.
+                outcome.failures.append((row.id, type(exc)(redact(exc.message), exc.status)))
+            except InputError as exc:
                 outcome.failures.append((row.id, exc))
 
     async with Transport(concurrency=workers, timeout=config.timeout) as transport, \

@@ -56,10 +56,10 @@ class RequestContext:
 
     base_url: str
     model: str | None
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     system: str | None = None
     params: Mapping[str, JSON] = field(default_factory=dict)
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class HttpRequest:
 
     method: str
     url: str
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)
     body: bytes
     model: str | None = None
     stream: bool = False
