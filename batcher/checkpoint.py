@@ -1002,6 +1002,9 @@ def status(output: Path) -> dict[str, JSON]:
     total = meta.get("total_rows")
     done = rec.done
     pending = max(0, total - done) if isinstance(total, int) else None
+    counters = rec.counters.as_dict()
+    if isinstance(counters.get("cost_usd"), float):
+        counters["cost_usd"] = round(float(counters["cost_usd"]), 6)
     return {
         "output": str(output),
         "state_dir": str(state),
@@ -1014,7 +1017,7 @@ def status(output: Path) -> dict[str, JSON]:
         "total_rows": total,
         "bad_rows": meta.get("bad_rows"),
         "done": done,
-        **rec.counters.as_dict(),
+        **counters,
         "pending": pending,
         "last_update": _last_update(state) if state_exists else None,
         "finalized_rows": meta.get("finalized_rows"),

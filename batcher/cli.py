@@ -141,8 +141,9 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
     """Run every row of INPUT (.jsonl, .jsonl.gz, .parquet, a folder of .parquet, or a job
     file .toml) and write one answer per row to OUTPUT.
 
-    Exit codes: 0 all ok; 1 finished with failed rows; 2 usage/config/input error;
-    3 aborted (auth, quota, budget, lock held, server down; resumable); 130/143 interrupted."""
+    Exit codes: 0 all ok; 1 finished with failed rows or bad input rows skipped; 2
+    usage/config/input error; 3 aborted (auth, quota, budget, lock held, server down or
+    unreachable, disk full, out of open files; resumable); 130/143 interrupted."""
     from batcher.commands import execute_estimate, execute_run
 
     values = collect(kwargs)

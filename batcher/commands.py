@@ -21,7 +21,7 @@ from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import ReaderOptions, iter_batches
 from batcher.jobfile import is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, configure_logging, get_logger
-from batcher.runner import Runner, RunSummary, write_summary
+from batcher.runner import MAX_PROBLEMS_LOGGED, Runner, RunSummary, write_summary
 from batcher.secrets import redact_argv
 from batcher.types import RequestContext, RequestRow
 
@@ -166,7 +166,8 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
         print(orjson.dumps(docs[0] if len(docs) == 1 else docs).decode())
     else:
         print("\n\n".join(r.render() for r in reports))
-    return 0
+    # As `run` would exit: bad rows would be skipped there too.
+    return 1 if any(r.bad_rows for r in reports) else 0
 
 
 def estimate_job(config: RunConfig) -> EstimateReport:
@@ -176,11 +177,16 @@ def estimate_job(config: RunConfig) -> EstimateReport:
     ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
                          params=dict(config.params))
     bad = 0
+    log = get_logger()
 
     def rows() -> Iterator[RequestRow]:
         nonlocal bad
         for batch in iter_batches(config.input, options):
-            bad += len(batch.problems)
+            for problem in batch.problems:
+                bad += 1
+                if bad <= MAX_PROBLEMS_LOGGED:  # as `run` reports them: where, and what
+                    log.warning("bad_row_skipped", where=f"{problem.source}:{problem.line}",
+                                field=problem.field, problem=problem.message)
             yield from batch.rows
 
     report = estimate(rows(), ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,

@@ -21,7 +21,7 @@ while time.time() < deadline:
 else:
     sys.exit("simulator did not start")
 PY
-batcher estimate "$here/prompts.jsonl" --model gpt-4o-mini
+batcher estimate "$here/prompts.jsonl" --model gpt-4o-mini -p max_tokens=64
 batcher run "$here/prompts.jsonl" -o "$out/answers.parquet" \
     --base-url "http://127.0.0.1:$port/v1" --model gpt-4o-mini -p max_tokens=64 --no-progress
 batcher status "$out/answers.parquet"

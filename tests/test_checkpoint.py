@@ -658,3 +658,12 @@ def test_every_acknowledged_append_survives_kill_9(
         store.finalize()
     ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) and acked <= set(ids)
+
+
+def test_status_rounds_the_cost_to_a_millionth_of_a_dollar(tmp_path: Path) -> None:
+    out = tmp_path / "results.parquet"
+    with open_store(out) as store:
+        store.append([row(f"c{i}", "ok", cost_usd=0.0001 * (i + 1) / 3) for i in range(7)])
+    info = status(out)
+    assert info["cost_usd"] == round(sum(0.0001 * (i + 1) / 3 for i in range(7)), 6)
+    assert len(repr(info["cost_usd"])) <= 8

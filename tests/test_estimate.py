@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from batcher.estimate import DEFAULT_LATENCY_S, estimate
 from batcher.pricing import max_cost_usd, price_for
 from batcher.tokens import DEFAULT_MAX_OUTPUT_TOKENS, request_input_tokens
 from batcher.types import RequestContext, RequestRow
+from tests.conftest import run_cli
 
 CTX = RequestContext(base_url="http://127.0.0.1:1/v1", model="gpt-4o-mini",
                      system="Answer briefly.", params={"max_tokens": 50})
@@ -143,3 +145,12 @@ def test_streams_in_chunks() -> None:
     report = estimate(gen(), CTX, "chat", rpm=None, tpm=None, concurrency=1)
     assert consumed == 20_000 and report.rows == 20_000
     assert report.input_tokens == 20_000 * (3 + 1 + 3 + 3 + 1 + 2 + 3)
+
+
+def test_estimate_names_each_bad_row_and_exits_1_like_run(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hello"}\n{"id": "b"}\n{"id": "c", "prompt": "x"}\n')
+    result = run_cli("estimate", src, "--model", "gpt-4o-mini")
+    assert result.exit_code == 1, result.stderr
+    assert f"{src}:2" in result.stderr and "prompt" in result.stderr
+    assert "1 bad rows skipped" in result.stdout
