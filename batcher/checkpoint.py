@@ -692,7 +692,15 @@ class StateStore:
         except BaseException:
             os.close(fd)
             raise
-        return cls(output, state, run_id, compact_every, fd, meta, record)
+        store = cls(output, state, run_id, compact_every, fd, meta, record)
+        try:
+            # Opened now, not at the first answer: a run that later runs out of file
+            # descriptors can still make its answers durable.
+            store._open_journal()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     # -- reading ------------------------------------------------------------------------
 
@@ -721,15 +729,12 @@ class StateStore:
         data = encode_records(result_to_record(r) for r in rows)
         with self._mutex:
             self._check_usable()
-            if self._journal_fd is None:
-                path = self._journal_path(self._seq)
-                self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-                self._need_newline = not _ends_with_newline(self._journal_fd)
+            fd = self._open_journal()
             if self._need_newline:
                 # A previous write failed midway: end its fragment so it can't swallow ours.
                 data = b"\n" + data
             try:
-                _write_all(self._journal_fd, data)
+                _write_all(fd, data)
             except BaseException:
                 self._need_newline = True
                 raise
@@ -742,7 +747,7 @@ class StateStore:
             self._journal_rows += len(rows)
             now = time.monotonic()
             if now - self._last_fsync >= FSYNC_INTERVAL:
-                os.fsync(self._journal_fd)
+                os.fsync(fd)
                 self._last_fsync = now
             if self._journal_rows >= self._compact_at:
                 try:
@@ -839,6 +844,13 @@ class StateStore:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _open_journal(self) -> int:
+        if self._journal_fd is None:
+            path = self._journal_path(self._seq)
+            self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._need_newline = not _ends_with_newline(self._journal_fd)
+        return self._journal_fd
+
     def _journal_path(self, seq: int) -> Path:
         return self.state_dir / f"journal-{seq:06d}.jsonl"
 
@@ -855,10 +867,16 @@ class StateStore:
         """Journal → ``part-N.parquet`` (durable), journal deleted, next sequence number."""
         if self._journal_fd is None:
             return
+        journal = self._journal_path(self._seq)
+        if os.fstat(self._journal_fd).st_size == 0:
+            # Opened but never written: nothing to keep.
+            os.close(self._journal_fd)
+            self._journal_fd = None
+            journal.unlink(missing_ok=True)
+            return
         os.fsync(self._journal_fd)
         os.close(self._journal_fd)
         self._journal_fd = None
-        journal = self._journal_path(self._seq)
         part = self.state_dir / f"part-{self._seq:06d}.parquet"
         self.discarded_records += write_part(journal, part).discarded
         journal.unlink()

@@ -104,6 +104,15 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+_NO_FLAG = frozenset({"grace", "server_down_after", "prices", "job"})
+"""Keys only a job file can set; every other key is also a ``--flag``."""
+
+
+def option_name(key: str) -> str:
+    """How a message names a setting: the flag and the job-file key, e.g. ``rpm (--rpm)``."""
+    return key if key in _NO_FLAG else f"{key} (--{key.replace('_', '-')})"
+
+
 def config_keys() -> list[str]:
     return [f.name for f in fields(RunConfig)]
 
@@ -131,10 +140,14 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     for key, (low, high) in _BOUNDS.items():
         if key in given:
             value = given[key]
+            name = option_name(key)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{key}: expected a number, got {value!r}")
+                raise ConfigError(f"{name}: expected a number, got {value!r}")
+            if key == "max_cost" and value <= 0:
+                raise ConfigError(f"{name}: the spending cap must be more than 0 USD, got "
+                                  f"{value:g}; leave it out for no cap")
             if not low <= value <= high:
-                raise ConfigError(f"{key}: {value} is out of range [{low:g}, {high:g}]")
+                raise ConfigError(f"{name}: {value:g} is out of range [{low:g}, {high:g}]")
     if given.get("restart") and given.get("force_resume"):
         raise ConfigError("restart and force_resume contradict each other; give one")
     base = str(given["base_url"])

@@ -39,6 +39,7 @@ from batcher.errors import (
     RateLimited,
     Retryable,
     ServerDown,
+    TransportError,
 )
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
 from batcher.limits import Throttle
@@ -47,6 +48,7 @@ from batcher.pool import Transport
 from batcher.pricing import Budget, Price, cost_usd, genai_price, max_cost_usd, price_for
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
+from batcher.resources import explain_os_error, fit_open_files
 from batcher.retry import retrying
 from batcher.tokens import request_input_tokens, request_max_output_tokens, tokenizer_name
 from batcher.types import (
@@ -164,6 +166,10 @@ class Runner:
         self._reader: asyncio.Task[None] | None = None
         self._errors_by_type: Counter[str] = Counter()
         self._last_success = 0.0
+        self._successes = 0
+        self._held: list[ResultRow] = []
+        """Rows that failed to reach the server: written once a later request succeeds (the
+        failure was theirs), left pending if the job aborts first (the server was down)."""
         self._price_cache: dict[str | None, Price | None] = {}
         self._price_warmed = False
         self._budget = Budget(config.max_cost)
@@ -205,11 +211,13 @@ class Runner:
         loop.call_later(self.config.grace, self._abandon_in_flight)
 
     async def run(self) -> RunSummary:
-        config = self.config
         started_at, t0 = _now_iso(), time.monotonic()
-        get_provider(config.endpoint)
-        if config.max_cost is not None and config.max_cost <= 0:
-            raise ConfigError("max_cost: must be greater than 0")
+        get_provider(self.config.endpoint)
+        pool, warning = fit_open_files(self.config.concurrency)
+        if warning is not None:
+            self._log.warning("concurrency_capped", reason=warning)
+            self.config = replace(self.config, concurrency=pool)
+        config = self.config
         options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
                                 template=config.template)
         total = count_rows(config.input)
@@ -234,7 +242,13 @@ class Runner:
             self._log.info("run_started", input=str(config.input), output=str(config.output),
                            rows=total, already_done=len(skip), endpoint=config.endpoint,
                            model=config.model, concurrency=config.concurrency)
-            await self._pipeline(store, options, skip)
+            try:
+                await self._pipeline(store, options, skip)
+            except OSError as exc:
+                explained = explain_os_error(exc, config.output, config.state_dir)
+                if explained is None:
+                    raise
+                self._abort(explained)
             if self._input_error is not None:
                 store.update_meta(status="input_error")
                 raise self._input_error
@@ -246,17 +260,38 @@ class Runner:
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
                 meta["total_rows"] = total - self.progress.bad_rows
-            store.update_meta(**meta)
-            if outcome == "finished":
-                store.finalize()
+            try:
+                store.update_meta(**meta)
+                if outcome == "finished":
+                    store.finalize()
+            except OSError as exc:
+                explained = explain_os_error(exc, config.output, config.state_dir)
+                if explained is None:
+                    raise
+                outcome, message = "aborted", str(explained)
+                self._log.error("aborting", reason=message, error_type=type(explained).__name__)
         finally:
+            self._save_pending(store)
+        return self._summary(outcome, message, started_at, t0, store.counters)
+
+    def _save_pending(self, store: StateStore) -> None:
+        """Last chance for answers received but not yet written (whatever ended the run),
+        then release the state. A disk that is still full loses only these few rows'
+        answers; the state stays consistent and they are sent again on resume."""
+        try:
             if self._pending:
                 store.append(self._pending)
                 self._pending = []
-            store.close()
+        except OSError as exc:
+            self._log.error("answers_not_saved", rows=len(self._pending), reason=str(exc))
+        finally:
             if self._cache is not None:
                 self._cache.close()
-        return self._summary(outcome, message, started_at, t0, store.counters)
+            try:
+                store.close()
+            except OSError as exc:
+                # The journal stays; the next open compacts it.
+                self._log.warning("state_close_failed", reason=str(exc))
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -281,8 +316,16 @@ class Runner:
                 f"{config.state_dir.name} beside it); choose another -o, or pass --restart to "
                 "replace it")
         parent = output.parent
-        if not parent.is_dir():
-            raise ConfigError(f"output folder {parent} does not exist")
+        existing = next(p for p in [parent, *parent.parents] if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise ConfigError(f"output folder {parent}: {existing} is a file, not a folder; "
+                              "choose another -o")
+        if existing != parent:
+            if not os.access(existing, os.W_OK):
+                raise ConfigError(f"output folder {parent} cannot be created: {existing} is "
+                                  "not writable")
+            # The folder an output (or a job file's template) names is part of the job.
+            parent.mkdir(parents=True, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"output folder {parent} is not writable")
 
@@ -315,6 +358,8 @@ class Runner:
                     self._workers = [group.create_task(self._work(rows, transport))
                                      for _ in range(config.concurrency)]
                     await asyncio.gather(*self._workers, return_exceptions=True)
+                    if self.stop_reason is None:
+                        self._release_held()
                     self._workers_done = True
                     self._pending_event.set()
                     if self._reader is not None and not self._reader.done():
@@ -322,7 +367,7 @@ class Runner:
                     await writer
             except BaseExceptionGroup as group:
                 # One of ours (e.g. bad input found by the reader) is reported as itself.
-                ours = [e for e in group.exceptions if isinstance(e, BatcherError)]
+                ours = [e for e in _leaves(group) if isinstance(e, BatcherError | OSError)]
                 if ours:
                     raise ours[0] from group
                 raise
@@ -403,7 +448,11 @@ class Runner:
             self._pending_event.clear()
             batch, self._pending = self._pending, []
             if batch:
-                store.append(batch)
+                try:
+                    store.append(batch)
+                except BaseException:
+                    self._pending[:0] = batch  # kept for the last try in _save_pending
+                    raise
                 for r in batch:
                     if r.status == "ok":
                         progress.ok += 1
@@ -479,6 +528,10 @@ class Runner:
                 results = self._ok_rows(rows, request, outcome)
                 if key is not None:
                     self._remember(key, outcome, results)
+            elif isinstance(outcome, _Failed) and isinstance(outcome.error, TransportError):
+                self._hold([self._error_row(r, outcome.error.message, outcome.error.kind,
+                                            attempts=outcome.attempts, status=None,
+                                            latency_ms=outcome.latency_ms) for r in rows])
             elif isinstance(outcome, _Failed):
                 results = [self._error_row(r, outcome.error.message, outcome.error.kind,
                                            attempts=outcome.attempts,
@@ -531,6 +584,25 @@ class Runner:
             cost = None if any(r.cost_usd is None for r in results) else \
                 sum(r.cost_usd or 0.0 for r in results)
             self._cache.put(key, sent.response, model=sent.answer.model, cost_usd=cost)
+    def _hold(self, results: list[ResultRow]) -> None:
+        """A row that never got an answer: not an error of the row while the server may be
+        down. With no success yet this run, the server is unreachable: abort (exit 3), the
+        rows stay pending for the rerun."""
+        if self.stop_reason is not None:
+            return
+        if self._successes == 0:
+            reason = results[0].error if results else "no answer"
+            self._abort(ServerDown(
+                f"the server looks down: cannot reach {self.config.base_url}; every request so far "
+                f"failed ({reason}). Check --base-url and that the server is up, then rerun "
+                "the same command to resume"))
+            return
+        self._held.extend(results)
+
+    def _release_held(self) -> None:
+        for result in self._held:
+            self._deliver(result)
+        self._held = []
 
     def _spent_on(self, results: list[ResultRow], reserved: float) -> float:
         """What a request cost, for the budget: an answer whose cost is unknown (no usage,
@@ -630,6 +702,9 @@ class Runner:
             self._check_server_down()
             raise
         self._last_success = asyncio.get_running_loop().time()
+        self._successes += 1
+        if self._held:
+            self._release_held()
         throttle.on_success(response.headers)
         throttle.settle_tokens(tokens, answer.usage.total_tokens,
                                explicit_max=request.max_tokens is not None)
@@ -761,10 +836,15 @@ class Runner:
 
 
 def write_summary(path: Path, summary: RunSummary) -> None:
-    """Atomically write the summary JSON (tmp + rename) so a reader never sees half of it."""
+    """Atomically write the summary JSON (tmp + rename) so a reader never sees half of it.
+    A disk too full for it costs the summary file, not the run: a warning says so."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp")
-    tmp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        get_logger().warning("summary_not_written", path=str(path), reason=str(exc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -802,6 +882,14 @@ def _input_token_bound(row: RequestRow, model: str | None) -> int:
     elif row.body is not None:
         text = orjson.dumps(row.body).decode()
     return len(text.encode()) + 16
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside a (nested) exception group, depth first."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _ms_since(started: float) -> float:

@@ -284,3 +284,18 @@ def test_an_answer_of_unknown_cost_still_counts_against_the_cap(
         rows = read_output(out)
         assert usage is not None and all(r["cost_usd"] is not None for r in rows)
         assert sum(r["cost_usd"] for r in rows) <= 0.03
+
+
+def test_zero_and_negative_caps_get_the_same_message_naming_the_flag(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    messages = []
+    for cap in ("0", "-1"):
+        result = run_cli(*_args(src, tmp_path / "out.parquet", sim, "--max-cost", cap))
+        assert result.exit_code == 2
+        messages.append(result.stderr.replace(f"got {cap};", "got N;"))
+    assert messages[0] == messages[1]
+    assert "--max-cost" in messages[0] and "more than 0" in messages[0]
+    result = run_cli(*_args(src, tmp_path / "out.parquet", sim, "--concurrency", "0"))
+    assert result.exit_code == 2 and "--concurrency" in result.stderr
+    assert sim.stats.requests == 0

@@ -415,7 +415,9 @@ def test_restart_wipes_state_and_old_output(tmp_path: Path) -> None:
         assert store.done_ids(include_errors=True) == set()
         assert store.counters.ok == 0
         assert not out.exists()
-        assert state_files(out) == ["lock", "meta.json"]
+        # Only the new run's journal, opened up front and still empty, beside lock and meta.
+        assert state_files(out) == ["journal-000001.jsonl", "lock", "meta.json"]
+        assert (store.state_dir / "journal-000001.jsonl").stat().st_size == 0
         assert store.meta["fingerprint"] == {"model": "b"}
 
 

@@ -150,14 +150,26 @@ def test_strict_refuses_bad_input_before_sending_anything(
     assert sim.stats.requests == 0
 
 
+def test_missing_output_folders_are_created(tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    out = tmp_path / "out" / "job" / "2026-12-03" / "answers.parquet"
+    result = _run(sim, src, out)
+    assert result.exit_code == 0, result.stderr
+    assert pq.read_table(out).num_rows == 2
+
+
 def test_missing_input_and_unwritable_output_exit_2(tmp_path: Path, sim: SimulatorThread) -> None:
     result = _run(sim, tmp_path / "nope.jsonl", tmp_path / "out.parquet")
     assert result.exit_code == 2
     assert "nope.jsonl" in result.stderr
     src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    result = _run(sim, src, tmp_path / "no" / "such" / "dir" / "out.parquet")
+    # A file where the output's folder should be is refused, naming it (issue 11).
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    result = _run(sim, src, blocker / "sub" / "out.parquet")
     assert result.exit_code == 2
-    assert "does not exist" in result.stderr
+    assert f"{blocker} is a file, not a folder" in result.stderr
+    assert sim.stats.requests == 0
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"\n\n")
     result = _run(sim, empty, tmp_path / "out.parquet")
