@@ -78,6 +78,11 @@ def request_options(func: F) -> F:
                      help="Input price, USD per 1M tokens (overrides the bundled prices)."),
         click.option("--price-output", type=float, metavar="USD",
                      help="Output price, USD per 1M tokens."),
+        click.option("--cache", type=click.Path(path_type=Path), metavar="DIR",
+                     help="Response cache folder: an exact request answered before is served "
+                          "from it, not sent (cost 0). Shared safely by concurrent runs."),
+        click.option("--cache-nondeterministic", is_flag=True,
+                     help="Also cache requests whose temperature is not 0."),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
                      help="Log lines on stderr [default: console]."),
     ]
@@ -91,7 +96,8 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
     values = dict(kwargs)
     values["params"] = parse_params(values.pop("params", ())) or None
     values["headers"] = parse_headers(values.pop("headers", ())) or None
-    for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw"):
+    for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw",
+                 "cache_nondeterministic"):
         if flag in values and not values[flag]:
             values[flag] = None
     return values
@@ -174,6 +180,32 @@ def status(output: Path, as_json: bool) -> None:
     from batcher.commands import execute_status
 
     sys.exit(execute_status(output, as_json=as_json))
+
+
+@cli.group()
+def cache() -> None:
+    """The opt-in response cache (--cache DIR): what it holds, and clearing it."""
+
+
+@cache.command("stats")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_stats(folder: Path, as_json: bool) -> None:
+    """Entries, hits served, size and first cost of the cache in DIR."""
+    from batcher.commands import execute_cache_stats
+
+    sys.exit(execute_cache_stats(folder, as_json=as_json))
+
+
+@cache.command("clear")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--older-than", metavar="AGE",
+              help="Only entries stored more than AGE ago: 30d, 12h, 90m, 1w.")
+def cache_clear(folder: Path, older_than: str | None) -> None:
+    """Delete the cache's entries (all, or those older than --older-than)."""
+    from batcher.commands import execute_cache_clear
+
+    sys.exit(execute_cache_clear(folder, older_than=older_than))
 
 
 def simulator_options(func: F) -> F:

@@ -9,6 +9,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,6 +179,7 @@ def estimate_job(config: RunConfig) -> EstimateReport:
                          params=dict(config.params))
     bad = 0
     log = get_logger()
+    hits: int | None = None
 
     def rows() -> Iterator[RequestRow]:
         nonlocal bad
@@ -189,10 +191,25 @@ def estimate_job(config: RunConfig) -> EstimateReport:
                                 field=problem.field, problem=problem.message)
             yield from batch.rows
 
-    report = estimate(rows(), ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,
+    def misses() -> Iterator[RequestRow]:
+        nonlocal hits
+        from batcher.cache import ResponseCache, cache_misses
+
+        assert config.cache is not None
+        hits = 0
+        with ResponseCache(config.cache) as store:
+            for batch, n_hits in cache_misses(rows(), replace(ctx, headers=config.headers),
+                                              config.endpoint, store,
+                                              nondeterministic=config.cache_nondeterministic):
+                hits += n_hits
+                yield from batch
+
+    report = estimate(rows() if config.cache is None else misses(), ctx, config.endpoint,
+                      rpm=config.rpm, tpm=config.tpm,
                       concurrency=config.concurrency, price_input=config.price_input,
                       price_output=config.price_output, prices_table=config.prices)
     report.bad_rows = bad
+    report.cache_hits = hits
     return report
 
 
@@ -214,4 +231,32 @@ def execute_status(target: Path, *, as_json: bool) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {value}")
         print()
+    return 0
+
+
+def execute_cache_stats(folder: Path, *, as_json: bool) -> int:
+    """``batcher cache stats DIR``: exit 0, or 2 when DIR holds no cache."""
+    from batcher.cache import open_existing
+
+    try:
+        with open_existing(folder) as store:
+            stats = store.stats()
+    except BatcherError as exc:
+        return _fail(exc, exc.exit_code)
+    print(orjson.dumps(stats.to_json()).decode() if as_json else stats.render())
+    return 0
+
+
+def execute_cache_clear(folder: Path, *, older_than: str | None) -> int:
+    """``batcher cache clear DIR [--older-than AGE]``: exit 0, or 2 on a bad DIR or AGE."""
+    from batcher.cache import open_existing, parse_age
+
+    try:
+        age = parse_age(older_than) if older_than is not None else None
+        with open_existing(folder) as store:
+            removed = store.clear(age)
+    except BatcherError as exc:
+        return _fail(exc, exc.exit_code)
+    which = f" older than {older_than}" if older_than is not None else ""
+    print(f"removed {removed:,} cache entr{'y' if removed == 1 else 'ies'}{which} from {folder}")
     return 0

@@ -61,6 +61,10 @@ class RunConfig:
     keep_raw: bool = False
     grace: float = 30.0
     server_down_after: float = 60.0
+    cache: Path | None = None
+    """The response cache folder (``--cache``); None: no cache."""
+    cache_nondeterministic: bool = False
+    """Also cache (and serve) requests whose temperature is not 0."""
     job: str | None = None
 
     def api_key(self) -> str:
@@ -128,6 +132,8 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
         if key not in given:
             raise ConfigError(f"missing {key!r}")
         given[key] = Path(given[key])
+    if "cache" in given:
+        given["cache"] = Path(given["cache"]).expanduser()
     given.setdefault("base_url", default_base_url())
     if given.get("endpoint", "chat") not in ENDPOINTS:
         raise ConfigError(

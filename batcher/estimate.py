@@ -110,6 +110,9 @@ class EstimateReport:
     cost_usd_expected_high: float | None = None
     sample_cost_usd: float | None = None
     seconds_expected: float | None = None
+    cache_hits: int | None = None
+    """With ``--cache``: rows whose exact request the cache already answers. They are not
+    in ``rows``, tokens or cost (a hit is not sent and costs nothing). None: no cache."""
 
     def to_json(self) -> dict[str, JSON]:
         """One JSON object: the totals, ``by_model``, ``unknown_price_models`` and ``notes``."""
@@ -124,6 +127,7 @@ class EstimateReport:
             "bound_by": self.bound_by,
             "default_max_output_tokens": self.default_max_output_tokens,
             "rows_with_default_max_tokens": self.rows_with_default_max_tokens,
+            "cache_hits": self.cache_hits,
             **{name: getattr(self, name) for name in SAMPLE_FIELDS},
             "by_model": [m.to_json() for m in self.by_model],
             "unknown_price_models": list(self.unknown_price_models),
@@ -134,6 +138,9 @@ class EstimateReport:
         """A short plain-text table for a terminal."""
         lines = [f"rows: {self.rows:,}" + (f"  ({self.bad_rows:,} bad rows skipped)"
                                            if self.bad_rows else "")]
+        if self.cache_hits is not None:
+            lines.append(f"served from the cache: {self.cache_hits:,} more row(s), not sent "
+                         "and not priced")
         header = ("model", "rows", "input tok", "max output tok", "$ input", "$ max",
                   "tokenizer")
         table = [header]

@@ -23,6 +23,7 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 
+from batcher.cache import CACHEABLE_FINISH, ResponseCache, is_deterministic, request_key
 from batcher.checkpoint import Counters, StateStore, input_fingerprint
 from batcher.config import RunConfig
 from batcher.errors import (
@@ -86,6 +87,7 @@ class Progress:
     cost_usd: float = 0.0
     retries: int = 0
     rate_limited: int = 0
+    cache_hits: int = 0
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -126,6 +128,8 @@ class RunSummary:
     cost_usd_this_run: float
     errors_by_type: dict[str, int]
     resume_command: str | None = None
+    cache_hits: int = 0
+    """rows of this run served from the response cache (not sent, cost 0)."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -170,7 +174,12 @@ class Runner:
         self._price_cache: dict[str | None, Price | None] = {}
         self._price_warmed = False
         self._budget = Budget(config.max_cost)
-        self._group_size = config.batch_size if config.endpoint == "embeddings" else 1
+        # With a cache, embeddings go one row per request: a group's key would depend on
+        # which rows happened to be queued together, and almost never hit again.
+        self._group_size = (config.batch_size if config.endpoint == "embeddings"
+                            and config.cache is None else 1)
+        self._cache: ResponseCache | None = None
+        self._warned_uncacheable = False
         self._throttle: Throttle | None = None
         self._ctx = request_context(config)
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
@@ -221,6 +230,8 @@ class Runner:
                                 restart=config.restart, force_resume=config.force_resume)
         outcome, message = "finished", None
         try:
+            if config.cache is not None:
+                self._cache = ResponseCache(config.cache)
             skip = store.done_ids(include_errors=not config.retry_failed)
             # The cap is for the output, not for one run: earlier runs' spend counts.
             self._budget.spent = store.counters.cost_usd
@@ -274,6 +285,8 @@ class Runner:
         except OSError as exc:
             self._log.error("answers_not_saved", rows=len(self._pending), reason=str(exc))
         finally:
+            if self._cache is not None:
+                self._cache.close()
             try:
                 store.close()
             except OSError as exc:
@@ -480,6 +493,11 @@ class Runner:
         except InputError as exc:
             return [self._error_row(r, exc.detail, "input", attempts=0, status=None,
                                     latency_ms=None) for r in rows]
+        key = self._cache_key(request)
+        if key is not None:
+            hit = self._cached_rows(rows, provider, request, key)
+            if hit is not None:
+                return hit
         need_tokens = config.tpm is not None or config.max_cost is not None
         input_tokens = max_output = 0
         if need_tokens:
@@ -508,6 +526,8 @@ class Runner:
                                                     input_tokens + max_output)
             if isinstance(outcome, _Sent):
                 results = self._ok_rows(rows, request, outcome)
+                if key is not None:
+                    self._remember(key, outcome, results)
             elif isinstance(outcome, _Failed) and isinstance(outcome.error, TransportError):
                 self._hold([self._error_row(r, outcome.error.message, outcome.error.kind,
                                             attempts=outcome.attempts, status=None,
@@ -523,6 +543,47 @@ class Runner:
             if config.max_cost is not None:
                 self._budget.settle(reserved, self._spent_on(results, reserved))
 
+    def _cache_key(self, request: HttpRequest) -> str | None:
+        """The request's cache key, or None when there is no cache or the request may not
+        use it (temperature not 0 without ``--cache-nondeterministic``)."""
+        if self._cache is None:
+            return None
+        if not self.config.cache_nondeterministic and not is_deterministic(request):
+            if not self._warned_uncacheable:
+                self._warned_uncacheable = True
+                self._log.warning("cache_skipped", reason="temperature is not 0 (or not set)",
+                                  hint="pass -p temperature=0, or --cache-nondeterministic")
+            return None
+        return request_key(request)
+
+    def _cached_rows(self, rows: list[RequestRow], provider: Provider, request: HttpRequest,
+                     key: str) -> list[ResultRow] | None:
+        """The result rows served from the cache (not sent; ``cost_usd`` 0, the first cost in
+        ``cost_usd_original``), or None on a miss. A stored answer that no longer parses is
+        dropped and counts as a miss."""
+        assert self._cache is not None
+        started = time.perf_counter()
+        response = self._cache.get(key)
+        if response is None:
+            return None
+        try:
+            answer = provider.parse_response(request, response)
+        except ProviderError:
+            self._cache.forget(key)
+            return None
+        results = self._ok_rows(rows, request, _Sent(response, answer, 0, _ms_since(started)))
+        for r in results:
+            r.cost_usd_original, r.cost_usd, r.cached = r.cost_usd, 0.0, True
+        self.progress.cache_hits += 1
+        return results
+
+    def _remember(self, key: str, sent: _Sent, results: list[ResultRow]) -> None:
+        """Store an answer unless it is an error or was cut (``length``, filters)."""
+        assert self._cache is not None
+        if all(r.status == "ok" and r.finish_reason in CACHEABLE_FINISH for r in results):
+            cost = None if any(r.cost_usd is None for r in results) else \
+                sum(r.cost_usd or 0.0 for r in results)
+            self._cache.put(key, sent.response, model=sent.answer.model, cost_usd=cost)
     def _hold(self, results: list[ResultRow]) -> None:
         """A row that never got an answer: not an error of the row while the server may be
         down. With no success yet this run, the server is unreachable: abort (exit 3), the
@@ -763,6 +824,7 @@ class Runner:
             sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens, cost_usd=round(totals.cost_usd, 6),
             cost_usd_this_run=round(p.cost_usd, 6), errors_by_type=dict(self._errors_by_type),
+            cache_hits=p.cache_hits,
         )
         write_summary(config.summary_path, summary)
         return summary

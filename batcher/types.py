@@ -144,6 +144,9 @@ class ResultRow:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     cost_usd: float | None = None
+    cost_usd_original: float | None = None
+    """Served from the response cache: what the answer cost when it was first paid for."""
+    cached: bool = False
     latency_ms: float | None = None
     ttft_ms: float | None = None
     attempts: int = 0

@@ -61,6 +61,8 @@ _RESULT_FIELDS: list[pa.Field[Any]] = [
     pa.field("cached_tokens", pa.int64()),
     pa.field("reasoning_tokens", pa.int64()),
     pa.field("cost_usd", pa.float64()),
+    pa.field("cost_usd_original", pa.float64()),
+    pa.field("cached", pa.bool_()),
     pa.field("latency_ms", pa.float64()),
     pa.field("ttft_ms", pa.float64()),
     pa.field("attempts", pa.int32()),
@@ -111,6 +113,8 @@ def result_to_record(r: ResultRow) -> dict[str, JSON]:
         "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens,
         "cost_usd": r.cost_usd,
+        "cost_usd_original": r.cost_usd_original,
+        "cached": r.cached,
         "latency_ms": r.latency_ms,
         "ttft_ms": r.ttft_ms,
         "attempts": r.attempts,
@@ -261,6 +265,8 @@ def _fixed_array(name: str, typ: pa.DataType, values: Sequence[JSON]) -> pa.Arra
     # Values of the expected Python type go to Arrow as they are (the common case, at C
     # speed); anything else is converted one by one.
     kinds = set(map(type, values))
+    if pa.types.is_boolean(typ):
+        return pa.array([v if isinstance(v, bool) else None for v in values], type=typ)
     if pa.types.is_integer(typ):
         if kinds <= _INTS:
             return pa.array(values, type=typ)
