@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from batcher.simulate import SimulatorThread
 from tests.conftest import ROOT, prompts, run_cli, write_jsonl
@@ -112,3 +113,25 @@ def test_status_of_a_job_file_reports_each_output(tmp_path: Path, sim: Simulator
     assert all(info["ok"] == 4 and info["pending"] == 0 for info in infos)
     text = run_cli("status", job)
     assert text.stdout.count("eval-") >= 2
+
+
+def test_every_job_file_runs_from_a_fresh_clone_with_its_own_outputs(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    """As a new user's cron line would: a fresh clone, each job's own output template (whose
+    folders do not exist yet), no -o."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout to clone")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    jobs = sorted((clone / "jobs").glob("*.toml"))
+    assert jobs, "the clone has no job files"
+    for job in jobs:
+        result = run_cli("run", job, "--no-progress", env={"BATCHER_BASE_URL": sim.base_url})
+        assert result.exit_code == 0, f"{job.name}: {result.stderr}"
+    written = sorted(p.relative_to(clone) for p in clone.rglob("*.parquet")
+                     if p.parent.name != "examples" and ".state" not in str(p))
+    assert len(written) >= len(jobs), written
+    assert all(p.parts[0] == "out" for p in written), written
