@@ -221,6 +221,7 @@ class Runner:
         options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
                                 template=config.template)
         total = count_rows(config.input)
+        self._warn_if_slow(total)
         iter_batches(config.input, options)  # checks the file and options up front (exit 2)
         if config.strict:
             self._validate_strict(options)
@@ -328,6 +329,18 @@ class Runner:
             parent.mkdir(parents=True, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"output folder {parent} is not writable")
+
+    def _warn_if_slow(self, total: int) -> None:
+        """A limit that would pace the job for more than a day is most likely a typo
+        (``--rpm 0.001``): say how long it would take before the first wait."""
+        rpm = self.config.rpm
+        if rpm is None or total <= 1:
+            return
+        hours = (total - 1) / rpm / 60.0
+        if hours > 24:
+            self._log.warning("slow_pacing", rows=total, rpm=rpm,
+                              note=f"at --rpm {rpm:g}, {total:,} rows take about "
+                                   f"{hours / 24:,.1f} days; is that the limit you meant?")
 
     def _validate_strict(self, options: ReaderOptions) -> None:
         """--strict: one full pass before anything is sent; any bad row is fatal."""

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,26 @@ def test_a_small_job_against_nothing_listening_exits_3_and_burns_no_row(
     assert result.exit_code == 0, result.stderr
     assert healthy.stats.requests == 3
     assert [r["status"] for r in pq.read_table(out).to_pylist()] == ["ok"] * 3
+
+
+def test_a_rate_that_would_take_days_is_named_before_the_wait(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BATCHER_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(src), "-o", str(tmp_path / "out.parquet"),
+         "--base-url", sim.base_url, "--model", "gpt-4o-mini", "--rpm", "0.001",
+         "--no-progress"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    watchdog = threading.Timer(30, proc.kill)   # without the warning: fail, don't hang
+    watchdog.start()
+    try:
+        line = proc.stderr.readline()
+        while line and "slow_pacing" not in line:
+            line = proc.stderr.readline()
+        assert "days" in line and "--rpm 0.001" in line, line
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert proc.returncode == 143
