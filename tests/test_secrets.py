@@ -120,3 +120,50 @@ def test_a_header_from_the_environment_authenticates(
     monkeypatch.delenv("GW_AUTH")
     result = run_cli(*args, "--restart")
     assert result.exit_code == 2 and "GW_AUTH" in result.stderr
+
+
+def test_estimate_sample_masks_a_key_the_server_quotes_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that echoes the Authorization header in its 400 error, as some gateways do."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        return web.json_response({"error": {"message": f"model not allowed for {auth}",
+                                            "type": "invalid_request_error"}}, status=400)
+
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", echo)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        holder["port"] = runner.addresses[0][1]
+        holder["loop"] = loop
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        src = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+        result = run_cli("estimate", src, "--model", "gpt-4o-mini", "--sample", "2",
+                         "--base-url", f"http://127.0.0.1:{holder['port']}/v1")
+        assert result.exit_code != 0
+        assert "model not allowed" in result.stdout + result.stderr
+        assert SECRET not in result.stdout + result.stderr
+        assert "***" in result.stdout + result.stderr
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["loop"].stop)
+        thread.join(10)
