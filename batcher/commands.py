@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import signal
 import sys
@@ -17,7 +18,7 @@ import orjson
 
 from batcher.checkpoint import status
 from batcher.config import RunConfig, make_config
-from batcher.errors import BatcherError, ConfigError
+from batcher.errors import Aborted, BatcherError, ConfigError
 from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import ReaderOptions, iter_batches
 from batcher.jobfile import is_job_file, job_outputs, load_job
@@ -82,6 +83,16 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
     except BatcherError as exc:
         get_logger().error("run_failed", error=str(exc), exit_code=exc.exit_code)
         return _fail(exc, exc.exit_code)
+    except Exception as exc:
+        # A defect of batcher's, not the user's: the state was flushed and closed on the way
+        # out (Runner.run's finally), so the run is resumable. No traceback unless asked for.
+        if os.environ.get("BATCHER_DEBUG"):
+            raise
+        get_logger().error("internal_error", error=f"{type(exc).__name__}: {exc}")
+        return _fail(Aborted(
+            f"internal error ({type(exc).__name__}: {exc}). Every answer already received is "
+            "saved: rerun the same command to resume. Please report this, with the output of "
+            "the rerun under BATCHER_DEBUG=1"), 3)
     if summary.outcome != "finished" and argv:
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)

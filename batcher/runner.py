@@ -380,9 +380,11 @@ class Runner:
                     await writer
             except BaseExceptionGroup as group:
                 # One of ours (e.g. bad input found by the reader) is reported as itself.
-                ours = [e for e in _leaves(group) if isinstance(e, BatcherError | OSError)]
-                if ours:
-                    raise ours[0] from group
+                leaves = _leaves(group)
+                ours = [e for e in leaves if isinstance(e, BatcherError | OSError)]
+                others = [e for e in leaves if isinstance(e, Exception)]
+                if ours or others:
+                    raise (ours or others)[0] from group
                 raise
             finally:
                 self._workers_done = True

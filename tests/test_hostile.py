@@ -162,3 +162,35 @@ def test_a_rate_that_would_take_days_is_named_before_the_wait(
         proc.terminate()
         proc.wait(timeout=60)
     assert proc.returncode == 143
+
+
+def test_an_internal_error_is_a_message_with_exit_3_and_the_answers_are_kept(
+        tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batcher import runner as runner_module
+
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    out = tmp_path / "out.parquet"
+    args = ["run", src, "-o", out, "--base-url", sim.base_url, "--model", "gpt-4o-mini",
+            "--no-progress", "--concurrency", "1"]
+    real_ok_row = runner_module.Runner._ok_row
+    calls = 0
+
+    def flaky_ok_row(self: Any, *a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 11:
+            raise RuntimeError("a defect")
+        return real_ok_row(self, *a, **kw)
+
+    monkeypatch.setattr(runner_module.Runner, "_ok_row", flaky_ok_row)
+    result = run_cli(*args)
+    assert result.exit_code == 3
+    assert "internal error (RuntimeError: a defect)" in result.stderr
+    assert "rerun the same command" in result.stderr
+    monkeypatch.setattr(runner_module.Runner, "_ok_row", real_ok_row)
+    sent = sim.stats.requests
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    # The ten answers received before the defect were kept: only the rest were sent again.
+    assert sim.stats.requests - sent <= 20
+    assert pq.read_table(out).num_rows == 30
