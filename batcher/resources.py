@@ -11,7 +11,7 @@ from pathlib import Path
 
 from batcher.errors import Aborted, ConfigError
 
-FD_RESERVE = 64
+FD_RESERVE = 32
 """Descriptors kept free beside the connection pool: the state's journal, lock and parts,
 Parquet readers, the price table's imports, the loop's own pipes and a thread pool."""
 

@@ -87,6 +87,19 @@ def test_stream_cut_at_every_byte_is_never_ok() -> None:
             chat.parse_response(req, HttpResponse(200, {}, full[:cut]))
 
 
+def test_a_stream_ended_by_done_without_a_finish_reason_is_cut() -> None:
+    """llama-cpp-python ends a stream it interrupts with [DONE] and no finish_reason."""
+    chunk = (b'data: {"id":"c1","model":"m","object":"chat.completion.chunk","choices":'
+             b'[{"index":0,"delta":{"content":"The capital"},"finish_reason":null}]}\n\n')
+    chat = get_provider("chat")
+    req = HttpRequest("POST", "u", {}, b"", stream=True)
+    with pytest.raises(InvalidResponse, match=r"\[DONE\] but no finish_reason"):
+        chat.parse_response(req, HttpResponse(200, {}, chunk + b"data: [DONE]\n\n"))
+    finished = chunk.replace(b'"finish_reason":null', b'"finish_reason":"stop"')
+    answer = chat.parse_response(req, HttpResponse(200, {}, finished + b"data: [DONE]\n\n"))
+    assert (answer.output, answer.finish_reason) == ("The capital", "stop")
+
+
 def test_error_message_never_holds_the_key() -> None:
     row = RequestRow(id="1", shape="prompt", source="s", line=1, prompt="hi")
     ctx = RequestContext(base_url="http://h/v1", model="m", api_key="sk-SECRET-123")

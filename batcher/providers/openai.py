@@ -468,8 +468,8 @@ def parse_openai_stream(response: HttpResponse,
                         text_of: Callable[[dict[str, JSON]], JSON]) -> Answer:
     """A whole chat/completions event stream → Answer.
 
-    Complete means a ``[DONE]`` line or a finish_reason was seen; otherwise the stream was
-    cut and InvalidResponse (retryable) is raised: a truncated answer is never returned as
+    Complete means a finish_reason was seen (a ``[DONE]`` line alone is not enough); otherwise
+    the stream was cut and InvalidResponse (retryable) is raised: a truncated answer is never returned as
     ok. An error event or error object in the stream raises its typed error.
     """
     events, _clean = parse_sse(response.body)
@@ -508,9 +508,12 @@ def parse_openai_stream(response: HttpResponse,
                     state.merge_tool_calls([{"index": 0, "function": delta["function_call"]}])
             if choice.get("finish_reason"):
                 state.finish = choice["finish_reason"]
-    if not state.done and state.finish is None:
+    if state.finish is None:
+        # A [DONE] alone is not enough: llama-cpp-python ends a stream it interrupts (a new
+        # request arrived) with [DONE] and no finish_reason. Every complete answer has one.
+        seen = "[DONE] but" if state.done else "no [DONE] and"
         raise InvalidResponse(
-            f"stream cut: no [DONE] and no finish_reason after {len(events)} events",
+            f"stream cut: {seen} no finish_reason after {len(events)} events",
             status=response.status)
     if not state.saw_choice:
         raise InvalidResponse("stream ended without any choice", status=response.status)
