@@ -29,6 +29,7 @@ import orjson
 
 from batcher.errors import ConfigError, InputError
 from batcher.providers import provider_for_row
+from batcher.secrets import is_secret_header
 from batcher.types import JSON, HttpRequest, HttpResponse, RequestContext, RequestRow
 
 DB_NAME = "cache.sqlite3"
@@ -37,8 +38,6 @@ BUSY_TIMEOUT_MS = 5000
 
 CACHEABLE_FINISH = frozenset({None, "stop", "tool_calls"})
 """Normalised finish reasons whose answers are stored (``length`` cut answers are not)."""
-
-_SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -59,14 +58,14 @@ def request_key(request: HttpRequest) -> str:
     """The hex SHA-256 that identifies ``request`` in the cache (see the module docstring)."""
     parts = urlsplit(request.url)
     query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query)
-                             if not _SECRET_HEADER.search(k)))
+                             if not is_secret_header(k)))
     url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
     try:
         body: JSON = orjson.loads(request.body)
     except orjson.JSONDecodeError:
         body = request.body.decode("utf-8", "replace")
     headers = sorted((k.lower(), v) for k, v in request.headers.items()
-                     if not _SECRET_HEADER.search(k))
+                     if not is_secret_header(k))
     blob = orjson.dumps({"method": request.method.upper(), "url": url, "body": body,
                          "headers": headers}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(blob).hexdigest()
