@@ -99,4 +99,5 @@ def check_key(base_url: str, api_key: str, headers: Mapping[str, str], api_key_e
         return
     raise ConfigError(
         f"no API key: ${api_key_env} is not set and {base_url} is not a local server. Set "
-        f"{api_key_env}, or name the variable that holds the key with --api-key-env")
+        f"{api_key_env}, or name the variable that holds the key with --api-key-env (for a "
+        f"server that needs no key, set it to any value: {api_key_env}=none)")
