@@ -274,13 +274,46 @@ def test_bad_row_model_or_params(tmp_path: Path) -> None:
 
 def test_generated_ids_count_every_data_row(tmp_path: Path) -> None:
     path = jsonl(tmp_path / "in.jsonl", {"prompt": "a"}, "", "{broken", {"prompt": "b"},
-                 {"id": None, "prompt": "c"}, {"id": 12, "prompt": "d"})
+                 {"id": None, "prompt": "c"}, {"prompt": "d"})
     rows, problems = read_all(path)
     assert [(r.id, r.line) for r in rows] == [("row-1", 1), ("row-3", 4), ("row-4", 5),
-                                              ("12", 6)]
+                                              ("row-5", 6)]
     assert [p.line for p in problems] == [3]
     again, _ = read_all(path)
     assert [r.id for r in again] == [r.id for r in rows]
+
+
+def test_a_generated_id_never_takes_a_real_one(tmp_path: Path) -> None:
+    # Issue 11: a null id on line 6 became row-6 and pushed out the real id row-6 on line 7.
+    # Ids are all or nothing, decided by the first data row.
+    given = jsonl(tmp_path / "given.jsonl", *[{"id": f"k{n}", "prompt": "p"} for n in range(5)],
+                  {"id": None, "prompt": "null"}, {"id": "row-6", "prompt": "real"},
+                  {"prompt": "no id field"})
+    rows, problems = read_all(given)
+    assert [r.id for r in rows] == ["k0", "k1", "k2", "k3", "k4", "row-6"]
+    assert rows[-1].prompt == "real"
+    assert [(p.line, p.field) for p in problems] == [(6, "id"), (8, "id")]
+    assert problems[0].message == (
+        f"missing id, but the input gives ids (first at {given}:1): give every row an id, "
+        "or none and batcher numbers them row-N")
+
+    generated = jsonl(tmp_path / "generated.jsonl", "{broken", {"prompt": "a"},
+                      {"id": "row-3", "prompt": "real"}, {"id": 7, "prompt": "int"},
+                      {"prompt": "b"})
+    rows, problems = read_all(generated)
+    assert [r.id for r in rows] == ["row-2", "row-5"]
+    assert [(p.line, p.field) for p in problems] == [(1, None), (3, "id"), (4, "id")]
+    assert problems[1].message == (
+        f"an id, but the input's first row ({generated}:2) has none, so ids are generated "
+        "(row-N): give every row an id, or none")
+
+
+def test_on_resume_a_skipped_row_still_says_the_input_gives_ids(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "1"}, {"prompt": "2"},
+                 {"id": "b", "prompt": "3"})
+    rows, problems = read_all(path, skip_ids={"a"})
+    assert [r.id for r in rows] == ["b"]
+    assert [(p.line, p.message.split(",")[0]) for p in problems] == [(2, "missing id")]
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -296,7 +329,8 @@ def test_bad_ids(tmp_path: Path, value: Any, message: str) -> None:
 
 def test_duplicate_ids_keep_the_first(tmp_path: Path) -> None:
     path = jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "1"}, {"id": "b", "prompt": "2"},
-                 {"id": "a", "prompt": "3"}, {"id": "row-5", "prompt": "4"}, {"prompt": "5"})
+                 {"id": "a", "prompt": "3"}, {"id": "row-5", "prompt": "4"},
+                 {"id": "row-5", "prompt": "5"})
     rows, problems = read_all(path)
     assert [(r.id, r.prompt) for r in rows] == [("a", "1"), ("b", "2"), ("row-5", "4")]
     assert [str(p) for p in problems] == [
@@ -314,18 +348,21 @@ def test_skip_ids_still_count_for_duplicates_and_progress(tmp_path: Path) -> Non
 
 
 def test_a_skipped_id_met_again_is_a_duplicate_of_a_done_row(tmp_path: Path) -> None:
-    # String ids (the fast path), an integer id and a generated one (through the row builder).
+    # String ids (the fast path) and an integer id (through the row builder).
     path = jsonl(tmp_path / "in.jsonl", {"id": "a", "prompt": "1"}, {"id": 7, "prompt": "2"},
-                 {"prompt": "3"}, {"id": "a", "prompt": "4"}, {"id": "7", "prompt": "5"},
-                 {"id": "row-3", "prompt": "6"}, {"id": "b", "prompt": "7"})
-    skip = {"a", "7", "row-3"}
+                 {"id": "a", "prompt": "4"}, {"id": "7", "prompt": "5"},
+                 {"id": "b", "prompt": "7"})
+    skip = {"a", "7"}
     rows, problems = read_all(path, skip_ids=skip)
     assert [r.id for r in rows] == ["b"]
     done = "(an earlier row has it, and that row is done already)"
     assert [(p.line, p.field, p.message) for p in problems] == [
-        (4, "id", f"duplicate id 'a' {done}"), (5, "id", f"duplicate id '7' {done}"),
-        (6, "id", f"duplicate id 'row-3' {done}")]
-    assert skip == {"a", "7", "row-3"}  # the caller's set is left alone
+        (3, "id", f"duplicate id 'a' {done}"), (4, "id", f"duplicate id '7' {done}")]
+    assert skip == {"a", "7"}  # the caller's set is left alone
+    # A generated id (through the row builder).
+    path = jsonl(tmp_path / "gen.jsonl", {"prompt": "1"}, {"prompt": "2"}, {"prompt": "3"})
+    rows, problems = read_all(path, skip_ids={"row-2"})
+    assert [r.id for r in rows] == ["row-1", "row-3"] and not problems
 
 
 def test_skipping_by_custom_id_and_in_parquet(tmp_path: Path) -> None:
@@ -360,9 +397,7 @@ def test_skipping_matches_reading_everything_and_dropping_the_done_ids(tmp_path:
         if kind < 0.08:
             lines.append(b"{broken")
             continue
-        if kind < 0.12:
-            row_id, line = f"row-{ordinal}", {"prompt": f"p{number}"}
-        elif kind < 0.15:
+        if kind < 0.15:
             n = rng.randrange(40)
             row_id, line = str(n), {"id": n, "prompt": f"p{number}"}
         elif kind < 0.2:
@@ -392,17 +427,29 @@ def test_skipping_matches_reading_everything_and_dropping_the_done_ids(tmp_path:
 def test_ids_across_parquet_directory(tmp_path: Path) -> None:
     folder = tmp_path / "parts"
     folder.mkdir()
-    parquet(folder / "b.parquet", {"id": ["x", None], "prompt": ["3", "4"]})
-    parquet(folder / "a.parquet", {"id": [None, "x"], "prompt": ["1", "2"]})
+    parquet(folder / "b.parquet", {"id": ["x", None, "y"], "prompt": ["3", "4", "5"]})
+    parquet(folder / "a.parquet", {"id": ["w", "x"], "prompt": ["1", "2"]})
     parquet(folder / "_hidden.parquet", {"id": ["h"], "prompt": ["h"]})
     (folder / "notes.txt").write_text("ignored")
     rows, problems = read_all(folder)
     assert [(r.id, Path(r.source).name, r.line) for r in rows] == [
-        ("row-1", "a.parquet", 1), ("x", "a.parquet", 2), ("row-4", "b.parquet", 2)]
+        ("w", "a.parquet", 1), ("x", "a.parquet", 2), ("y", "b.parquet", 3)]
     assert [str(p) for p in problems] == [
         f"{folder / 'b.parquet'}:1: field 'id': duplicate id 'x' "
-        f"(first seen at {folder / 'a.parquet'}:2)"]
-    assert count_rows(folder) == 4
+        f"(first seen at {folder / 'a.parquet'}:2)",
+        f"{folder / 'b.parquet'}:2: field 'id': missing id, but the input gives ids (first at "
+        f"{folder / 'a.parquet'}:1): give every row an id, or none and batcher numbers them "
+        "row-N"]
+    assert count_rows(folder) == 5
+
+
+def test_parquet_without_ids_numbers_rows_across_files(tmp_path: Path) -> None:
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    parquet(folder / "a.parquet", {"prompt": ["1", "2"]})
+    parquet(folder / "b.parquet", {"id": [None, None], "prompt": ["3", "4"]})
+    rows, problems = read_all(folder)
+    assert [r.id for r in rows] == ["row-1", "row-2", "row-3", "row-4"] and not problems
 
 
 # --- carried columns --------------------------------------------------------------------

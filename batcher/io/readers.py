@@ -387,8 +387,13 @@ class _RowBuilder:
     """Turns decoded rows into :class:`RequestRow` or :class:`InputProblem`.
 
     Owns what spans the whole input: the running data-row ordinal (for ``row-{n}`` ids), the
-    first position of every id seen that is not skipped, and the skipped ids not met yet (both
-    for duplicates: an id is either skipped in every row that has it or in none).
+    first position of every id seen that is not skipped, the skipped ids not met yet (both
+    for duplicates: an id is either skipped in every row that has it or in none), and whether
+    the input gives ids at all.
+
+    Ids are all or nothing: the first data row with a usable id, or without one, decides for
+    the whole input. A generated ``row-{n}`` can then never take an id the input uses (a
+    row with no id among rows with ids, or the reverse, is a bad row that says so).
     """
 
     def __init__(self, options: ReaderOptions, template: _Template | None,
@@ -402,6 +407,7 @@ class _RowBuilder:
         self.prompt_column = options.prompt_column or DEFAULT_PROMPT_COLUMN
         self.ordinal = 0
         self.seen: dict[str, int] = {}
+        self.ids = _IdRule()
 
     def id_column(self, shape: RowShape) -> str:
         if self.options.id_column is not None:
@@ -426,6 +432,7 @@ class _RowBuilder:
         # with right here, not in `build`: most lines of a mostly-done input are such.
         unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
         id_column = self.id_column(shape) if shape is not None else ""
+        ids = self.ids
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         rows: list[RequestRow] = []
@@ -460,9 +467,10 @@ class _RowBuilder:
                         problems.append(InputProblem(
                             source, line, None, f"not a JSON object (got {_kind(obj)})"))
                     elif unseen_remove is not None and build is not None and type(
-                            row_id := obj.get(id_column)) is str and _removed(unseen_remove,
-                                                                              row_id):
-                        pass  # skipped: done already
+                            row_id := obj.get(id_column)) is str and ids.given is not False \
+                            and _removed(unseen_remove, row_id):
+                        if ids.given is None:  # skipped (done already), but it gives an id
+                            ids.decide(True, self.where(line))
                     else:
                         if build is None:
                             shape = detect_shape(obj, self.options)
@@ -500,6 +508,7 @@ class _RowBuilder:
         id_column = self.id_column(shape)
         prompt_column = self.prompt_column
         seen_setdefault = self.seen.setdefault
+        ids = self.ids
         skip_ids = self.skip_ids if self.skip_ids is not None else frozenset()
         unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
         template = self.template
@@ -518,12 +527,20 @@ class _RowBuilder:
                     return InputProblem(source, line, id_column, "empty id")
                 row_id = raw_id
             elif raw_id is None:
+                if ids.given is not False:
+                    if ids.given:
+                        return InputProblem(source, line, id_column, ids.missing())
+                    ids.decide(False, where(base | line))
                 row_id = f"row-{ordinal}"
             elif type(raw_id) is int:
                 row_id = str(raw_id)
             else:
                 return InputProblem(source, line, id_column,
                                     f"must be a string or an integer, got {_kind(raw_id)}")
+            if raw_id is not None and ids.given is not True:
+                if ids.given is False:
+                    return InputProblem(source, line, id_column, ids.unexpected())
+                ids.decide(True, where(base | line))
             if unseen_remove is not None:
                 if _removed(unseen_remove, row_id):
                     return None  # done already
@@ -600,6 +617,27 @@ class _RowBuilder:
                         params, columns)
 
         return build
+
+
+class _IdRule:
+    """Whether the input gives ids (``given``), decided by its first data row (``by``)."""
+
+    __slots__ = ("by", "given")
+
+    def __init__(self) -> None:
+        self.given: bool | None = None
+        self.by = ""
+
+    def decide(self, given: bool, where: str) -> None:
+        self.given, self.by = given, where
+
+    def missing(self) -> str:
+        return (f"missing id, but the input gives ids (first at {self.by}): give every row "
+                "an id, or none and batcher numbers them row-N")
+
+    def unexpected(self) -> str:
+        return (f"an id, but the input's first row ({self.by}) has none, so ids are "
+                "generated (row-N): give every row an id, or none")
 
 
 _BuildRow = Callable[[dict[str, Any], int, int], "RequestRow | InputProblem | None"]
