@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from batcher.pricing import Price, input_cost_usd, max_cost_usd, price_for
+from batcher.pricing import Price, context_window, input_cost_usd, max_cost_usd, price_for
 from batcher.tokens import (
     APPROX_FACTOR,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -270,6 +270,7 @@ def estimate(
     """
     accs: dict[str | None, _Acc] = {}
     prices: dict[str | None, Price | None] = {}
+    over: dict[str | None, tuple[int, str, int]] = {}  # model: (rows over, first where, window)
     default_max = 0
     iterator = iter(rows)
     while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
@@ -281,6 +282,10 @@ def estimate(
                 acc = accs[model] = _Acc()
                 prices[model] = price_for(model, price_input=price_input,
                                           price_output=price_output, table=prices_table)
+            window = context_window(model)
+            if window is not None and n_in > window:
+                n, where, _ = over.get(model, (0, f"{row.source}:{row.line}", window))
+                over[model] = (n + 1, where, window)
             n_out = request_max_output_tokens(row, ctx, endpoint)
             if n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, ctx):
                 default_max += 1
@@ -322,6 +327,9 @@ def estimate(
                                  concurrency=concurrency, latency_s=latency_s)
     notes = _notes(by_model, unknown, default_max, endpoint, rpm=rpm, tpm=tpm,
                    concurrency=concurrency, latency_s=latency_s)
+    notes[:0] = [f"{n:,} row(s) exceed {model}'s context window of {window:,} tokens "
+                 f"(first at {where}): the server will most likely refuse or cut them"
+                 for model, (n, where, window) in over.items()]
     return EstimateReport(
         rows=n_rows, bad_rows=bad_rows, input_tokens=n_in, output_tokens_max=n_out,
         cost_usd_input=total_in, cost_usd_max=total_max, seconds_estimate=seconds,

@@ -156,6 +156,17 @@ def genai_price(model: str) -> Price | None:
     return best
 
 
+@lru_cache(maxsize=1024)
+def context_window(model: str | None) -> int | None:
+    """The model's context window in tokens from the bundled genai-prices data, or None
+    when the model or its window is not listed there."""
+    found = _find(model) if model else None
+    if found is None:
+        return None
+    window = found[1].context_window
+    return window if window and window > 0 else None
+
+
 def price_for(
     model: str | None,
     *,

@@ -45,13 +45,26 @@ from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_bat
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
-from batcher.pricing import Budget, Price, cost_usd, genai_price, max_cost_usd, price_for
+from batcher.pricing import (
+    Budget,
+    Price,
+    context_window,
+    cost_usd,
+    genai_price,
+    max_cost_usd,
+    price_for,
+)
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.retry import retrying
 from batcher.secrets import check_key, redactor, resolve_headers
-from batcher.tokens import request_input_tokens, request_max_output_tokens, tokenizer_name
+from batcher.tokens import (
+    APPROX_FACTOR,
+    request_input_tokens,
+    request_max_output_tokens,
+    tokenizer_name,
+)
 from batcher.types import (
     Answer,
     HttpRequest,
@@ -180,6 +193,7 @@ class Runner:
                             and config.cache is None else 1)
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
+        self._context_warned: set[str] = set()
         self._throttle: Throttle | None = None
         self._ctx = request_context(config)
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
@@ -341,6 +355,27 @@ class Runner:
             self._log.warning("slow_pacing", rows=total, rpm=rpm,
                               note=f"at --rpm {rpm:g}, {total:,} rows take about "
                                    f"{hours / 24:,.1f} days; is that the limit you meant?")
+
+    def _warn_if_over_context(self, rows: list[RequestRow], request: HttpRequest) -> None:
+        """Say once per model when a request's counted input exceeds the model's context
+        window (when genai-prices knows it): the server will refuse or cut it. Counting is
+        skipped when the body is too short to exceed it (a token is at least one byte)."""
+        model = request.model
+        if model is None or model in self._context_warned:
+            return
+        window = context_window(model)
+        if window is None or len(request.body) * APPROX_FACTOR <= window:
+            return
+        for row in rows:
+            tokens = request_input_tokens(row, self._ctx, self.config.endpoint)
+            if tokens > window:
+                self._context_warned.add(model)
+                self._log.warning(
+                    "over_context_window", where=f"{row.source}:{row.line}", model=model,
+                    input_tokens=tokens, context_window=window,
+                    note="the server will most likely refuse or cut this request; "
+                         "later rows over the window are not named")
+                return
 
     def _validate_strict(self, options: ReaderOptions) -> None:
         """--strict: one full pass before anything is sent; any bad row is fatal."""
@@ -508,6 +543,7 @@ class Runner:
         except InputError as exc:
             return [self._error_row(r, exc.detail, "input", attempts=0, status=None,
                                     latency_ms=None) for r in rows]
+        self._warn_if_over_context(rows, request)
         key = self._cache_key(request)
         if key is not None:
             hit = self._cached_rows(rows, provider, request, key)

@@ -154,3 +154,17 @@ def test_estimate_names_each_bad_row_and_exits_1_like_run(tmp_path: Path) -> Non
     assert result.exit_code == 1, result.stderr
     assert f"{src}:2" in result.stderr and "prompt" in result.stderr
     assert "1 bad rows skipped" in result.stdout
+
+
+def test_a_prompt_longer_than_the_context_window_is_named(tmp_path: Path) -> None:
+    long = " hi" * 140_000                      # ~140k tokens; gpt-4o-mini holds 128k
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "short"}) + "\n"
+                   + json.dumps({"id": "b", "prompt": long}) + "\n"
+                   + json.dumps({"id": "c", "prompt": long}) + "\n")
+    result = run_cli("estimate", src, "--model", "gpt-4o-mini")
+    assert result.exit_code == 0, result.stderr
+    assert (f"2 row(s) exceed gpt-4o-mini's context window of 128,000 tokens (first at {src}:2)"
+            in result.stdout), result.stdout
+    fits = run_cli("estimate", src, "--model", "gpt-4.1")   # a 1M-token window
+    assert "context window" not in fits.stdout

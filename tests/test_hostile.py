@@ -194,3 +194,16 @@ def test_an_internal_error_is_a_message_with_exit_3_and_the_answers_are_kept(
     # The ten answers received before the defect were kept: only the rest were sent again.
     assert sim.stats.requests - sent <= 20
     assert pq.read_table(out).num_rows == 30
+
+
+def test_a_prompt_longer_than_the_context_window_is_warned_about_once(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    long = " hi" * 140_000                      # ~140k tokens; gpt-4o-mini holds 128k
+    rows = [{"id": "a", "prompt": "short"}, {"id": "b", "prompt": long},
+            {"id": "c", "prompt": long}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url", sim.base_url,
+                     "--model", "gpt-4o-mini", "--no-progress", "--concurrency", "1")
+    warnings = [line for line in result.stderr.splitlines() if "over_context_window" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"{src}:2" in warnings[0] and "128000" in warnings[0], warnings[0]
