@@ -15,6 +15,7 @@ from batcher.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RATE_LIMIT_WAIT,
     DEFAULT_TIMEOUT,
     ENDPOINTS,
 )
@@ -128,8 +129,11 @@ def cli() -> None:
               help="Output Parquet file (its state lives beside it in OUTPUT.state/).")
 @request_options
 @click.option("--max-attempts", type=int,
-              help=f"Sends per row before it is written as an error "
-                   f"[default: {DEFAULT_MAX_ATTEMPTS}].")
+              help=f"Failed sends per row before it is written as an error; a rate-limit "
+                   f"429 does not count [default: {DEFAULT_MAX_ATTEMPTS}].")
+@click.option("--max-rate-limit-wait", type=float, metavar="SECONDS",
+              help="How long a row may keep being answered 429 before it is written as an "
+                   f"error [default: {DEFAULT_MAX_RATE_LIMIT_WAIT:g}].")
 @click.option("--timeout", type=float,
               help=f"Seconds per request, connect to last byte [default: {DEFAULT_TIMEOUT:g}].")
 @click.option("--max-cost", type=float, metavar="USD", help="Hard spending cap for this output.")

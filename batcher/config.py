@@ -13,6 +13,7 @@ from batcher.types import JSON
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_MAX_RATE_LIMIT_WAIT = 3600.0
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_BATCH_SIZE = 16
@@ -48,6 +49,9 @@ class RunConfig:
     rpm: float | None = None
     tpm: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    """Sends per row that failed for a reason other than a rate-limit 429."""
+    max_rate_limit_wait: float = DEFAULT_MAX_RATE_LIMIT_WAIT
+    """Seconds a row may keep being answered 429 (from its first 429) before it is an error."""
     timeout: float = DEFAULT_TIMEOUT
     max_cost: float | None = None
     price_input: float | None = None
@@ -96,6 +100,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "rpm": (0.001, 1e9),
     "tpm": (1, 1e12),
     "max_attempts": (1, 100),
+    "max_rate_limit_wait": (0, 7 * 86_400),
     "timeout": (0.001, 86_400),
     "max_cost": (0, 1e9),
     "price_input": (0, 1e6),

@@ -65,6 +65,11 @@ class ServerDown(Aborted):
     """No request succeeded for the stated time while requests were being sent."""
 
 
+class ServerRefuses(Aborted):
+    """The same client error on many consecutive rows and no success: the server (or a
+    gateway in front of it) refuses every request, whatever the row."""
+
+
 # --- provider / transport errors --------------------------------------------------------
 
 
@@ -112,6 +117,10 @@ class TransportError(Retryable):
 
 class InvalidResponse(Retryable):
     """A 2xx whose body is not valid JSON or lacks the expected fields; a stream cut mid-way."""
+
+
+class StreamCut(InvalidResponse):
+    """A streamed answer that ended before its finish (no finish_reason / message_stop)."""
 
 
 class Fatal(ProviderError):

@@ -26,21 +26,52 @@ class Pacer:
     time" of GCRA). Why not a leaky bucket (aiolimiter): with a bucket small enough to never
     burst over a one-second slice (one request), every late wake-up of a waiter loses the time
     by which it was late, and delivery falls to ~88% of the limit; here a late wake-up loses
-    nothing, because the next slot follows the previous slot, not "now". Idle time is not
+    little, because the next slot follows the previous slot, not "now". Idle time is not
     banked either: after a pause the next send is simply "now", never a burst.
+
+    With ``spacing`` (the request pacer), no two releases are ever closer than the limit's own
+    interval (``1 / per_second``), however late a waiter woke: a strict gateway limiter
+    (nginx ``limit_req`` without burst) refuses a request that follows the last one by less.
+    The 1.5% of headroom between the schedule and that floor is what a late wake-up may catch
+    up. :meth:`push_back` moves the whole schedule behind a cooldown: waiters whose slots fell
+    inside it take fresh, evenly spaced slots after it instead of leaving together.
     """
 
-    def __init__(self, per_second: float) -> None:
-        self.interval = 1.0 / (per_second * HEADROOM)
+    __slots__ = ("_epoch", "_next", "_released", "interval", "min_gap", "per_second", "spacing")
+
+    def __init__(self, per_second: float, *, spacing: bool = False) -> None:
+        self.spacing = spacing
         self._next = 0.0
+        self._released = -math.inf
+        self._epoch = 0
+        self.set_rate(per_second)
+
+    def set_rate(self, per_second: float) -> None:
+        """Pace at a new rate from the next reservation on (slots already taken stand)."""
+        self.per_second = per_second
+        self.interval = 1.0 / (per_second * HEADROOM)
+        self.min_gap = 1.0 / per_second if self.spacing else 0.0
 
     async def acquire(self, amount: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        start = max(self._next, now)
-        self._next = start + amount * self.interval
-        if start > now:
-            await asyncio.sleep(start - now)
+        epoch = -1
+        start = 0.0
+        while True:
+            now = loop.time()
+            if epoch != self._epoch:       # first pass, or the schedule was pushed back
+                epoch = self._epoch
+                start = max(self._next, now)
+                self._next = start + amount * self.interval
+            wait = max(start - now, self._released + self.min_gap - now)
+            if wait <= 0:
+                self._released = now
+                return
+            await asyncio.sleep(wait)
+
+    def push_back(self, until: float) -> None:
+        """Start the schedule again at ``until``: every waiter re-reserves behind it."""
+        self._epoch += 1
+        self._next = until
 
     def charge_later(self, amount: float) -> None:
         """Push the next free slot back by ``amount`` (units used beyond what was charged)."""
@@ -52,6 +83,18 @@ class Pacer:
         self._next = max(loop.time(), self._next - amount * self.interval)
 
 
+DISCOVER_DECREASE = 0.7
+"""Without --rpm/--tpm: the send rate is multiplied by this on a 429 (once per cooldown)..."""
+DISCOVER_DECREASE_AGAIN = 0.5
+"""...and by this on a 429 that follows another with no success between (far too fast)."""
+DISCOVER_PROBE = 0.05
+"""Each success raises a discovered rate by 5% divided by the successes it expects in ten
+seconds (at least one): about 5% a second at fast rates, 5% a success at slow ones."""
+DISCOVER_MIN_PER_SECOND = 1.0 / 60.0
+STREAM_PROBE = 50
+"""Successes without a cut stream after which the concurrency lowered by cuts grows by one."""
+
+
 class Throttle:
     """The gate every request passes before it is sent, shared by all workers.
 
@@ -59,23 +102,37 @@ class Throttle:
       plus its ``max_tokens`` before sending — as OpenAI counts a request on arrival — and
       corrected by :meth:`settle_tokens` with the usage the server reports (see there).
     - A 429 anywhere sets a *global* cooldown (the server's advice, else a doubling default)
-      that every worker waits out before its next send, instead of each worker hammering.
+      that every worker waits out before its next send, instead of each worker hammering;
+      the pacers' schedules restart behind it, so it ends in evenly spaced sends, not a crowd.
     - ``x-ratelimit-remaining-*`` at zero cools down until one unit refills.
-    - With no rpm/tpm given, concurrency adapts AIMD-style: halved on a 429, grown by one per
-      window of successes, up to ``concurrency``.
+    - With no rpm/tpm given, the send rate is discovered AIMD-style: unpaced until the first
+      429, then paced at the rate seen in the last second × :data:`DISCOVER_DECREASE`, cut
+      again on each further 429 and probed upward slowly on successes; concurrency adapts
+      too (halved on a 429, grown by one per window of successes, up to ``concurrency``).
+    - Streams cut while others run (a server that interrupts a stream when a new request
+      arrives) halve the concurrency, down to one (:meth:`on_stream_cut`).
     """
 
     def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int) -> None:
-        self._rpm = Pacer(rpm / 60.0) if rpm else None
+        self._rpm = Pacer(rpm / 60.0, spacing=True) if rpm else None
         self._tpm = Pacer(tpm / 60.0) if tpm else None
         self._cooldown_until = 0.0
         self._consecutive_429 = 0
+        self._ok_since_429 = True
         self.adaptive = rpm is None and tpm is None
         self.max_concurrency = concurrency
         self.window = float(concurrency)
+        self.stream_cap = concurrency
+        self._ok_since_cut = 0
         self._in_flight = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._recent_sends: deque[float] = deque()
         self.cooldowns = 0
+
+    @property
+    def rpm(self) -> float | None:
+        """The requests per minute the pacer keeps to (stated, or discovered), or None."""
+        return self._rpm.per_second * 60.0 if self._rpm is not None else None
 
     # --- dispatch -----------------------------------------------------------------------
 
@@ -86,12 +143,24 @@ class Throttle:
             await asyncio.sleep(delay)
 
     async def acquire(self, tokens: int = 0) -> None:
-        """Wait for the cooldown, one request of the RPM budget and ``tokens`` of the TPM one."""
-        await self.wait_cooldown()
-        if self._rpm is not None:
-            await self._rpm.acquire(1)
-        if self._tpm is not None and tokens > 0:
-            await self._tpm.acquire(tokens)
+        """Wait for the cooldown, ``tokens`` of the TPM budget and one request of the RPM
+        budget, in that order: the request pacer is the last gate, so its spacing is the
+        spacing of the sends (a caller sends without awaiting anything else first)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wait_cooldown()
+            if self._tpm is not None and tokens > 0:
+                await self._tpm.acquire(tokens)
+            if self._rpm is not None:
+                await self._rpm.acquire(1)
+            if loop.time() >= self._cooldown_until:
+                break
+        if self.adaptive:
+            now = loop.time()
+            sends = self._recent_sends
+            sends.append(now)
+            while sends[0] < now - 1.0:
+                sends.popleft()
 
     def settle_tokens(self, charged: int, actual: int | None, *, explicit_max: bool) -> None:
         """Correct the TPM account with the usage the server reported.
@@ -107,18 +176,20 @@ class Throttle:
         elif not explicit_max:
             self._tpm.refund(charged - actual)
 
-    # --- adaptive concurrency (only when no limits were given) ----------------------------
+    # --- concurrency: adaptive (no limits given) and lowered by cut streams ----------------
 
     def slot(self) -> _Slot:
-        """``async with throttle.slot():`` holds one of the adaptive concurrency window's places."""
+        """``async with throttle.slot():`` holds one of the concurrency window's places."""
         return _Slot(self)
+
+    def _limit(self) -> int:
+        window = int(self.window) if self.adaptive else self.max_concurrency
+        return max(1, min(window, self.stream_cap))
 
     async def _enter_slot(self) -> None:
         # Fast path without any lock: a free place is simply taken (one event loop, no
         # await between the check and the increment).
-        if not self.adaptive:
-            return
-        while self._in_flight >= max(1, int(self.window)):
+        while self._in_flight >= self._limit():
             waiter = asyncio.get_running_loop().create_future()
             self._slot_waiters.append(waiter)
             try:
@@ -131,8 +202,6 @@ class Throttle:
         self._in_flight += 1
 
     async def _exit_slot(self) -> None:
-        if not self.adaptive:
-            return
         self._in_flight -= 1
         self._wake_one()
 
@@ -147,28 +216,72 @@ class Throttle:
 
     def on_success(self, headers: Mapping[str, str]) -> None:
         self._consecutive_429 = 0
-        if self.adaptive and self.window < self.max_concurrency:
-            self.window = min(float(self.max_concurrency), self.window + 1.0 / self.window)
+        self._ok_since_429 = True
+        if self.adaptive:
+            if self.window < self.max_concurrency:
+                self.window = min(float(self.max_concurrency), self.window + 1.0 / self.window)
+            pacer = self._rpm
+            # Probe upward only while the pacer is what holds the sends back.
+            if pacer is not None and len(self._recent_sends) >= 0.9 * pacer.per_second:
+                rate = pacer.per_second
+                pacer.set_rate(rate * (1.0 + DISCOVER_PROBE / max(1.0, rate * 10.0)))
+        if self.stream_cap < self.max_concurrency:
+            self._ok_since_cut += 1
+            if self._ok_since_cut >= STREAM_PROBE:
+                self._ok_since_cut = 0
+                self.stream_cap += 1
         self._observe_remaining(headers)
+
+    def on_stream_cut(self) -> int | None:
+        """A stream was cut mid-way while others were running: halve the concurrency (down to
+        one). Returns the new limit when it was lowered, else None."""
+        self._ok_since_cut = 0
+        if self._in_flight <= 1:
+            return None
+        lowered = max(1, min(self.stream_cap, self._in_flight) // 2)
+        if lowered >= self.stream_cap:
+            return None
+        self.stream_cap = lowered
+        return lowered
 
     def on_rate_limited(self, retry_after: float | None) -> float:
         """Start (or extend) the global cooldown; returns its length in seconds."""
         loop = asyncio.get_running_loop()
-        in_cooldown = loop.time() < self._cooldown_until
+        now = loop.time()
+        in_cooldown = now < self._cooldown_until
         # A burst of 429s from one instant is one signal, not one per refused worker.
         if not in_cooldown:
             self._consecutive_429 += 1
+            if self.adaptive:
+                self._slow_down()
         if retry_after is None:
             retry_after = min(MAX_COOLDOWN, DEFAULT_COOLDOWN * 2 ** (self._consecutive_429 - 1))
         retry_after = min(MAX_COOLDOWN, max(0.0, retry_after))
-        until = loop.time() + retry_after
+        until = now + retry_after
         if until > self._cooldown_until:
             # Halve at most once per cooldown, for the same reason.
             if self.adaptive and not in_cooldown:
                 self.window = max(1.0, self.window / 2.0)
-            self._cooldown_until = until
+            self._cool_until(until)
             self.cooldowns += 1
         return retry_after
+
+    def _slow_down(self) -> None:
+        """A 429 without stated limits: pace (or pace slower) at a discovered rate."""
+        factor = DISCOVER_DECREASE if self._ok_since_429 else DISCOVER_DECREASE_AGAIN
+        self._ok_since_429 = False
+        if self._rpm is not None:
+            self._rpm.set_rate(max(DISCOVER_MIN_PER_SECOND, self._rpm.per_second * factor))
+            return
+        seen = len(self._recent_sends)        # sends in the last second
+        if seen >= 2:
+            self._rpm = Pacer(max(DISCOVER_MIN_PER_SECOND, seen * factor), spacing=True)
+
+    def _cool_until(self, until: float) -> None:
+        self._cooldown_until = until
+        for pacer in (self._rpm, self._tpm):
+            if pacer is not None:
+                pacer.push_back(until)
 
     def _observe_remaining(self, headers: Mapping[str, str]) -> None:
         for kind in ("requests", "tokens"):
@@ -189,8 +302,9 @@ class Throttle:
                 refill = reset
             wait = min(reset, refill, 1.0) if reset else min(refill, 1.0)
             if wait > 0 and not math.isnan(wait):
-                loop = asyncio.get_running_loop()
-                self._cooldown_until = max(self._cooldown_until, loop.time() + wait)
+                until = asyncio.get_running_loop().time() + wait
+                if until > self._cooldown_until:
+                    self._cool_until(until)
 
 
 class _Slot:

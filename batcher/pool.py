@@ -8,7 +8,7 @@ from types import TracebackType
 
 import aiohttp
 
-from batcher.errors import TransportError
+from batcher.errors import StreamCut, TransportError
 from batcher.types import HttpRequest, HttpResponse
 
 
@@ -68,6 +68,8 @@ class Transport:
         except TimeoutError as exc:
             raise TransportError(f"no complete answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientPayloadError as exc:
+            if request.stream:   # the server was reached and began to answer
+                raise StreamCut(f"stream cut mid-way: {type(exc).__name__}") from exc
             raise TransportError(f"answer cut mid-way: {type(exc).__name__}") from exc
         except aiohttp.ServerDisconnectedError as exc:
             raise TransportError("server closed the connection without answering") from exc

@@ -1,20 +1,26 @@
-"""The retry policy (tenacity), decided by error types alone: Retryable errors are retried."""
+"""The retry policy (tenacity), decided by error types alone: Retryable errors are retried.
+
+A rate-limit 429 is the server saying "later", not a failed attempt: it does not count
+against ``max_attempts``; a row stops being retried after ``max_rate_limit_wait`` seconds of
+429s instead (the wait itself is the throttle's global cooldown and pacing)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
 )
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from batcher.errors import Retryable
+from batcher.errors import RateLimited, Retryable
 
 BACKOFF_BASE = 0.5
 """Seconds; attempt n waits a uniformly random time in [0, min(cap, base × 2^(n-1))]."""
@@ -44,13 +50,39 @@ class wait_advised_or_jitter(wait_base):
         return self.rng.uniform(0.0, ceiling)
 
 
-def retrying(max_attempts: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+class stop_after_failures_or_rate_limit_wait(stop_base):
+    """Stop after ``max_attempts`` failures that are not rate-limit 429s, or once the row
+    has been answered 429 for ``max_rate_limit_wait`` seconds since its first 429. One
+    instance per row (it counts)."""
+
+    def __init__(self, max_attempts: int, max_rate_limit_wait: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_attempts = max_attempts
+        self.max_rate_limit_wait = max_rate_limit_wait
+        self.clock = clock
+        self.failures = 0
+        self.limited_since: float | None = None
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is not None and isinstance(outcome.exception(), RateLimited):
+            now = self.clock()
+            if self.limited_since is None:
+                self.limited_since = now
+            return now - self.limited_since >= self.max_rate_limit_wait
+        self.failures += 1
+        return self.failures >= self.max_attempts
+
+
+def retrying(max_attempts: int, *, max_rate_limit_wait: float = math.inf,
+             base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
              sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
-    """A fresh policy for one row: at most ``max_attempts`` sends; only :class:`Retryable`
-    errors are retried; the last error is re-raised as itself. ``sleep`` waits between
-    attempts (the runner's ends early when the job stops)."""
+    """A fresh policy for one row: at most ``max_attempts`` failed sends, 429s aside (see
+    :class:`stop_after_failures_or_rate_limit_wait`); only :class:`Retryable` errors are
+    retried; the last error is re-raised as itself. ``sleep`` waits between attempts (the
+    runner's ends early when the job stops)."""
     return AsyncRetrying(
-        stop=stop_after_attempt(max_attempts),
+        stop=stop_after_failures_or_rate_limit_wait(max_attempts, max_rate_limit_wait),
         retry=retry_if_exception_type(Retryable),
         wait=wait_advised_or_jitter(base, cap),
         reraise=True,

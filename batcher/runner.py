@@ -29,6 +29,7 @@ from batcher.config import RunConfig
 from batcher.errors import (
     Aborted,
     AuthError,
+    BadRequest,
     BatcherError,
     BudgetExceeded,
     ConfigError,
@@ -39,6 +40,8 @@ from batcher.errors import (
     RateLimited,
     Retryable,
     ServerDown,
+    ServerRefuses,
+    StreamCut,
     TransportError,
 )
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
@@ -77,6 +80,8 @@ from batcher.types import (
 
 MAX_PROBLEMS_LOGGED = 20
 """Bad rows logged one by one; beyond this only counted (the summary has the total)."""
+SAME_ERROR_ABORT = 20
+"""Consecutive rows refused with the same client error, and no success, that stop the job."""
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -180,8 +185,14 @@ class Runner:
         self._reader: asyncio.Task[None] | None = None
         self._errors_by_type: Counter[str] = Counter()
         self._last_success = 0.0
+        self._last_answer = 0.0
+        """When the server last answered 429 (a refusal proves it is up)."""
+        self._warned_only_429 = 0.0
         self._successes = 0
         self._held: list[ResultRow] = []
+        self._refused: list[ResultRow] = []
+        self._streak_key: tuple[int | None, str] | None = None
+        self._streak_mark = 0
         """Rows that failed to reach the server: written once a later request succeeds (the
         failure was theirs), left pending if the job aborts first (the server was down)."""
         self._price_cache: dict[str | None, Price | None] = {}
@@ -582,13 +593,18 @@ class Runner:
             elif isinstance(outcome, _Failed) and isinstance(outcome.error, TransportError):
                 self._hold([self._error_row(r, outcome.error.message, outcome.error.kind,
                                             attempts=outcome.attempts, status=None,
-                                            latency_ms=outcome.latency_ms) for r in rows])
+                                            latency_ms=outcome.latency_ms,
+                                            wait_ms=outcome.wait_ms) for r in rows])
             elif isinstance(outcome, _Failed):
                 results = [self._error_row(r, outcome.error.message, outcome.error.kind,
                                            attempts=outcome.attempts,
                                            status=outcome.error.status,
                                            latency_ms=outcome.latency_ms,
+                                           wait_ms=outcome.wait_ms,
                                            response=outcome.response) for r in rows]
+                if isinstance(outcome.error, BadRequest):
+                    self._refused_streak(outcome.error, results)
+                    results = []
             return results
         finally:
             if config.max_cost is not None:
@@ -622,7 +638,8 @@ class Runner:
         except ProviderError:
             self._cache.forget(key)
             return None
-        results = self._ok_rows(rows, request, _Sent(response, answer, 0, _ms_since(started)))
+        results = self._ok_rows(rows, request, _Sent(response, answer, 0, _ms_since(started),
+                                                        None))
         for r in results:
             r.cost_usd_original, r.cost_usd, r.cached = r.cost_usd, 0.0, True
         self.progress.cache_hits += 1
@@ -654,6 +671,32 @@ class Runner:
         for result in self._held:
             self._deliver(result)
         self._held = []
+        self._release_refused()
+
+    def _refused_streak(self, error: BadRequest, results: list[ResultRow]) -> None:
+        """A row refused with a client error (4xx) is held while the same error keeps
+        coming and nothing succeeds; it is written once the streak breaks (a success, a
+        different error, the end of the job). :data:`SAME_ERROR_ABORT` identical refusals
+        in a row mean the server refuses every request ("No connected db."): the job stops
+        (exit 3) with the server's message, and the held rows stay pending for the rerun."""
+        if self.stop_reason is not None:
+            return
+        key = (error.status, error.message)
+        if key != self._streak_key or self._successes != self._streak_mark:
+            self._release_refused()
+            self._streak_key, self._streak_mark = key, self._successes
+        self._refused.extend(results)
+        if len(self._refused) >= SAME_ERROR_ABORT:
+            self._abort(ServerRefuses(
+                f"the server refused {len(self._refused)} requests in a row with the same "
+                f"error and none succeeded (HTTP {error.status}: {self._redact(error.message)}); "
+                "fix the server or the request, then rerun the same command to resume"))
+
+    def _release_refused(self) -> None:
+        for result in self._refused:
+            self._deliver(result)
+        self._refused = []
+        self._streak_key = None
 
     def _spent_on(self, results: list[ResultRow], reserved: float) -> float:
         """What a request cost, for the budget: an answer whose cost is unknown (no usage,
@@ -665,29 +708,34 @@ class Runner:
     async def _send_with_retries(self, row: RequestRow, provider: Provider,
                                  request: HttpRequest, transport: Transport,
                                  tokens: int) -> _Sent | _Failed | None:
-        """Send until answered, a non-retryable error, or ``max_attempts`` sends.
+        """Send until answered, a non-retryable error, ``max_attempts`` failed sends (a
+        rate-limit 429 is not one) or ``max_rate_limit_wait`` seconds of 429s.
 
         The first attempt runs outside tenacity (the common case, and tenacity's
         bookkeeping costs about as much as our own per-row work); only after a retryable
         error does the policy take over, its first "attempt" replaying that error so that
-        waits and attempt counts are tenacity's."""
+        waits and attempt counts are tenacity's. ``latency_ms`` of the result is the last
+        attempt's time on the wire; ``wait_ms`` everything before it."""
         started = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
+        config = self.config
         attempts = 0
         response: HttpResponse | None = None
         first_error: Retryable | None = None
+        wire: list[float] = []
         try:
             try:
                 attempts = 1
                 response, answer = await self._attempt(row, provider, request, transport,
-                                                       tokens, task)
+                                                       tokens, task, wire)
             except Retryable as exc:
-                if self.config.max_attempts == 1:
+                if config.max_attempts == 1 and not isinstance(exc, RateLimited):
                     raise
                 first_error = exc
             if first_error is not None:
-                async for attempt in retrying(self.config.max_attempts, sleep=self._sleep):
+                async for attempt in retrying(config.max_attempts, sleep=self._sleep,
+                                              max_rate_limit_wait=config.max_rate_limit_wait):
                     with attempt:
                         if first_error is not None:
                             replay, first_error = first_error, None
@@ -697,33 +745,36 @@ class Runner:
                         attempts += 1
                         self.progress.retries += 1
                         response, answer = await self._attempt(row, provider, request,
-                                                               transport, tokens, task)
+                                                               transport, tokens, task, wire)
         except JobFatal as exc:
             self._abort(exc)
             return None
         except _StopRequested:
             return None
+        except RateLimited as exc:
+            exc.message = (f"still rate limited after {config.max_rate_limit_wait:g} s of 429s "
+                           f"(--max-rate-limit-wait): {exc.message}")
+            return _Failed(exc, attempts, *_timing(started, wire), response)
         except ProviderError as exc:
-            return _Failed(exc, attempts, _ms_since(started), response)
-        finally:
-            self._sending.discard(task)
+            return _Failed(exc, attempts, *_timing(started, wire), response)
         # No await from here to delivery: a stop cannot lose an answer that was paid for.
         assert response is not None  # the successful attempt set it
-        return _Sent(response, answer, attempts, _ms_since(started))
+        return _Sent(response, answer, attempts, *_timing(started, wire))
 
     async def _attempt(self, row: RequestRow, provider: Provider, request: HttpRequest,
-                       transport: Transport, tokens: int,
-                       task: asyncio.Task[None]) -> tuple[HttpResponse, Answer]:
-        """One send and parse; feeds the throttle; raises the typed error of a failure."""
+                       transport: Transport, tokens: int, task: asyncio.Task[None],
+                       wire: list[float]) -> tuple[HttpResponse, Answer]:
+        """One send and parse; feeds the throttle; raises the typed error of a failure.
+
+        Only while its request is on the wire is the task in ``_sending`` (what a stop
+        grants ``grace`` to): a worker waiting for a place, a cooldown or the pacer is
+        cancelled at once. Between the pacer's release and the send nothing is awaited, so
+        sends keep the pacer's spacing. ``wire`` gets the send's duration (ms)."""
         throttle = self._throttle
         assert throttle is not None
-        await throttle.acquire(tokens)
-        if self.stop_reason is not None:
-            raise _StopRequested
         progress = self.progress
         async with throttle.slot():
-            # Waiting for a place may have outlasted a cooldown begun meanwhile: re-check.
-            await throttle.wait_cooldown()
+            await throttle.acquire(tokens)
             if self.stop_reason is not None:
                 raise _StopRequested
             self._sending.add(task)
@@ -734,32 +785,60 @@ class Runner:
                 self._price_warmed = True
                 asyncio.get_running_loop().run_in_executor(None, genai_price, self.config.model)
             progress.in_flight += 1
+            sent_at = time.perf_counter()
             try:
                 response = await transport.send(request)
             except Retryable:
                 self._check_server_down()
                 raise
             finally:
+                wire.append(_ms_since(sent_at))
                 progress.in_flight -= 1
-        try:
-            answer = provider.parse_response(request, response)
-        except RateLimited as exc:
-            progress.rate_limited += 1
-            wait = throttle.on_rate_limited(exc.retry_after)
-            self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
-            self._check_server_down()
-            raise
-        except Retryable:
-            self._check_server_down()
-            raise
+                self._sending.discard(task)
+            try:
+                answer = provider.parse_response(request, response)
+            except RateLimited as exc:
+                progress.rate_limited += 1
+                wait = throttle.on_rate_limited(exc.retry_after)
+                self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
+                self._on_rate_limited(throttle)
+                raise
+            except StreamCut:
+                lowered = throttle.on_stream_cut()
+                if lowered is not None:
+                    self._log.warning("streams_cut", concurrency=lowered,
+                                      note="streams are cut while others start (a server "
+                                           "that interrupts a stream for a new request): "
+                                           "fewer requests in flight")
+                self._check_server_down()
+                raise
+            except Retryable:
+                self._check_server_down()
+                raise
         self._last_success = asyncio.get_running_loop().time()
         self._successes += 1
-        if self._held:
+        if self._held or self._refused:
             self._release_held()
         throttle.on_success(response.headers)
         throttle.settle_tokens(tokens, answer.usage.total_tokens,
                                explicit_max=request.max_tokens is not None)
         return response, answer
+
+    def _on_rate_limited(self, throttle: Throttle) -> None:
+        """A 429 is the server answering: it is not down. Say so when nothing but 429s has
+        come back for the server-down time, once per such stretch."""
+        now = asyncio.get_running_loop().time()
+        self._last_answer = now
+        quiet = now - max(self._last_success, self._warned_only_429)
+        if quiet > self.config.server_down_after:
+            self._warned_only_429 = now
+            pacing = f"; pacing at {throttle.rpm:.1f}/min" if throttle.rpm else ""
+            self._log.warning(
+                "only_rate_limited", seconds=round(now - self._last_success),
+                note=f"every answer for {now - self._last_success:.0f} s was 429 (rate limited)"
+                     f"{pacing}: the limit is lower than the requests sent; batcher keeps "
+                     f"waiting, and a row gives up after --max-rate-limit-wait "
+                     f"{self.config.max_rate_limit_wait:g} s")
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff sleep that ends early (and gives the row up) when the job stops."""
@@ -770,7 +849,9 @@ class Runner:
         raise _StopRequested
 
     def _check_server_down(self) -> None:
-        quiet = asyncio.get_running_loop().time() - self._last_success
+        """No success (and no 429: a server that refuses is up) for ``server_down_after``
+        seconds while requests fail to connect or get 5xx: abort, exit 3."""
+        quiet = asyncio.get_running_loop().time() - max(self._last_success, self._last_answer)
         if quiet > self.config.server_down_after:
             self._abort(ServerDown(
                 f"the server looks down: no request has succeeded for {quiet:.0f} s "
@@ -797,27 +878,26 @@ class Runner:
     def _ok_rows(self, rows: list[RequestRow], request: HttpRequest,
                  sent: _Sent) -> list[ResultRow]:
         if len(rows) == 1:
-            return [self._ok_row(rows[0], request, sent.response, sent.answer, sent.attempts,
-                                 sent.latency_ms)]
+            return [self._ok_row(rows[0], request, sent, sent.answer)]
         vectors = sent.answer.embeddings or []
         if len(vectors) != len(rows):
             message = f"the server returned {len(vectors)} embeddings for {len(rows)} inputs"
             return [self._error_row(r, message, "invalid_response", attempts=sent.attempts,
                                     status=sent.response.status, latency_ms=sent.latency_ms,
-                                    response=sent.response) for r in rows]
+                                    wait_ms=sent.wait_ms, response=sent.response) for r in rows]
         # One request's usage is shared out evenly: the server reports it only in total.
         shares = _split(sent.answer.usage.prompt_tokens, len(rows))
         return [
-            self._ok_row(r, request, sent.response,
+            self._ok_row(r, request, sent,
                          replace(sent.answer, embedding=vector, embeddings=None,
-                                 usage=Usage(prompt_tokens=share, total_tokens=share)),
-                         sent.attempts, sent.latency_ms)
+                                 usage=Usage(prompt_tokens=share, total_tokens=share)))
             for r, vector, share in zip(rows, vectors, shares, strict=True)
         ]
 
-    def _ok_row(self, row: RequestRow, request: HttpRequest, response: HttpResponse,
-                answer: Answer, attempts: int, latency_ms: float) -> ResultRow:
-        usage = answer.usage
+    def _ok_row(self, row: RequestRow, request: HttpRequest, sent: _Sent,
+                answer: Answer) -> ResultRow:
+        """The output row of ``answer`` (the whole answer, or one input's share of it)."""
+        response, usage = sent.response, answer.usage
         # The answered model's price, else the requested one's (gateways rename models).
         cost = cost_usd(self._price(answer.model), usage) if answer.model else None
         if cost is None:
@@ -827,8 +907,9 @@ class Runner:
             finish_reason_raw=answer.finish_reason_raw, model=answer.model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens, cost_usd=cost, latency_ms=latency_ms,
-            ttft_ms=response.ttft_ms, attempts=attempts, http_status=response.status,
+            reasoning_tokens=usage.reasoning_tokens, cost_usd=cost, latency_ms=sent.latency_ms,
+            wait_ms=sent.wait_ms, ttft_ms=response.ttft_ms, attempts=sent.attempts,
+            http_status=response.status,
             response_id=answer.response_id, tool_calls=answer.tool_calls,
             embedding=answer.embedding,
             raw=(self._redact(response.body.decode("utf-8", "replace"))
@@ -837,7 +918,7 @@ class Runner:
         )
 
     def _error_row(self, row: RequestRow, message: str, kind: str, *, attempts: int,
-                   status: int | None, latency_ms: float | None,
+                   status: int | None, latency_ms: float | None, wait_ms: float | None = None,
                    response: HttpResponse | None = None) -> ResultRow:
         raw = None
         if self.config.keep_raw and response is not None:
@@ -845,7 +926,8 @@ class Runner:
         return ResultRow(
             id=row.id, status="error", error=self._redact(message), error_type=kind,
             attempts=attempts,
-            http_status=status, latency_ms=latency_ms, raw=raw, completed_at=_now_iso(),
+            http_status=status, latency_ms=latency_ms, wait_ms=wait_ms, raw=raw,
+            completed_at=_now_iso(),
             columns=row.columns, model=row.model or self.config.model,
         )
 
@@ -898,14 +980,16 @@ class _Sent:
     response: HttpResponse
     answer: Answer
     attempts: int
-    latency_ms: float
+    latency_ms: float | None
+    wait_ms: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
     error: ProviderError
     attempts: int
-    latency_ms: float
+    latency_ms: float | None
+    wait_ms: float | None
     response: HttpResponse | None
 
 
@@ -936,6 +1020,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return found
+
+
+def _timing(started: float, wire: list[float]) -> tuple[float | None, float | None]:
+    """(latency_ms, wait_ms) of a row: its last send's time on the wire, and the rest of
+    the time since ``started`` (None, None when nothing was sent)."""
+    if not wire:
+        return None, None
+    latency = wire[-1]
+    return latency, round(max(0.0, _ms_since(started) - latency), 3)
 
 
 def _ms_since(started: float) -> float:

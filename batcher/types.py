@@ -148,6 +148,9 @@ class ResultRow:
     """Served from the response cache: what the answer cost when it was first paid for."""
     cached: bool = False
     latency_ms: float | None = None
+    """The answering attempt's time on the wire (not the wait before it)."""
+    wait_ms: float | None = None
+    """Time the row waited before that attempt: pacing, cooldowns, earlier attempts, backoff."""
     ttft_ms: float | None = None
     attempts: int = 0
     http_status: int | None = None

@@ -50,7 +50,7 @@ def test_result_schema_is_the_promised_columns_in_order() -> None:
         ("completion_tokens", pa.int64()), ("total_tokens", pa.int64()),
         ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),
         ("cost_usd", pa.float64()), ("cost_usd_original", pa.float64()), ("cached", pa.bool_()),
-        ("latency_ms", pa.float64()), ("ttft_ms", pa.float64()),
+        ("latency_ms", pa.float64()), ("wait_ms", pa.float64()), ("ttft_ms", pa.float64()),
         ("attempts", pa.int32()), ("http_status", pa.int32()), ("error", pa.string()),
         ("error_type", pa.string()), ("response_id", pa.string()), ("tool_calls", pa.string()),
         ("embedding", pa.list_(pa.float32())), ("raw", pa.string()),

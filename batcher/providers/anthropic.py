@@ -19,6 +19,7 @@ from batcher.errors import (
     ProviderError,
     QuotaExhausted,
     ServerError,
+    StreamCut,
 )
 from batcher.providers.base import (
     decode_json,
@@ -289,7 +290,7 @@ def parse_anthropic_stream(response: HttpResponse) -> Answer:
         elif kind == "message_stop":
             stopped = True
     if not stopped:
-        raise InvalidResponse(f"stream cut: no message_stop after {len(events)} events",
+        raise StreamCut(f"stream cut: no message_stop after {len(events)} events",
                               status=response.status)
     tools: list[JSON] = []
     for index in sorted(blocks):

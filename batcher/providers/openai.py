@@ -23,6 +23,7 @@ from batcher.errors import (
     ProviderError,
     QuotaExhausted,
     Retryable,
+    StreamCut,
 )
 from batcher.providers.base import (
     QUOTA_MARKERS,
@@ -512,7 +513,7 @@ def parse_openai_stream(response: HttpResponse,
         # A [DONE] alone is not enough: llama-cpp-python ends a stream it interrupts (a new
         # request arrived) with [DONE] and no finish_reason. Every complete answer has one.
         seen = "[DONE] but" if state.done else "no [DONE] and"
-        raise InvalidResponse(
+        raise StreamCut(
             f"stream cut: {seen} no finish_reason after {len(events)} events",
             status=response.status)
     if not state.saw_choice:
