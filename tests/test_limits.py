@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
 from collections import Counter
 
@@ -11,7 +13,11 @@ from tenacity import RetryCallState
 
 from batcher.errors import BadRequest, RateLimited, ServerError
 from batcher.limits import Throttle
-from batcher.retry import retrying, wait_advised_or_jitter
+from batcher.retry import (
+    retrying,
+    stop_after_failures_or_rate_limit_wait,
+    wait_advised_or_jitter,
+)
 from tests.virtual_clock import run_virtual
 
 
@@ -211,3 +217,176 @@ def test_policy_retries_only_retryable_errors() -> None:
         return calls["retryable"], calls["fatal"]
 
     assert run_virtual(main) == (4, 1)
+
+
+# --- strict limiters (issue 18) -----------------------------------------------------------
+
+
+def _busy(seconds: float) -> None:
+    """Block the (virtual) event loop, as CPU work between awaits does: wake-ups come late."""
+    loop = asyncio.get_running_loop()
+    loop._virtual_now += seconds  # type: ignore[attr-defined]
+
+
+def test_late_wake_ups_never_bunch_two_sends_closer_than_the_limits_interval() -> None:
+    rng = random.Random(7)
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        throttle = Throttle(rpm=1200, tpm=None, concurrency=32)
+        times: list[float] = []
+        remaining = iter(range(600))
+
+        async def worker() -> None:
+            for _ in remaining:
+                await throttle.acquire()
+                times.append(loop.time())
+
+        async def noise() -> None:
+            # Now and then the loop is blocked past several slots: their waiters all wake
+            # in one turn of the loop.
+            while len(times) < 600:
+                await asyncio.sleep(rng.uniform(0.2, 1.0))
+                _busy(rng.uniform(0.05, 0.15))
+
+        await asyncio.gather(noise(), *(worker() for _ in range(32)))
+        return times
+
+    times = run_virtual(main)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 60 / 1200 - 1e-9, min(gaps)
+    rate = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert 0.8 * 1200 <= rate <= 1200, rate
+
+
+def test_a_cooldown_pushes_the_schedule_back_and_releases_no_crowd() -> None:
+    async def main() -> tuple[list[float], float]:
+        loop = asyncio.get_running_loop()
+        throttle = Throttle(rpm=1200, tpm=None, concurrency=20)
+        times: list[float] = []
+        remaining = iter(range(100))
+        refused_at = 0.0
+
+        async def worker() -> None:
+            nonlocal refused_at
+            for n in remaining:
+                await throttle.acquire()
+                times.append(loop.time())
+                if n == 20:                      # one 429 with a 1 s Retry-After
+                    refused_at = loop.time()
+                    throttle.on_rate_limited(1.0)
+
+        await asyncio.gather(*(worker() for _ in range(20)))
+        return times, refused_at
+
+    times, refused_at = run_virtual(main)
+    during = [t for t in times if refused_at < t < refused_at + 1.0]
+    assert during == []                          # nobody goes inside the cooldown
+    after = [t for t in times if t >= refused_at + 1.0]
+    assert len(after) == 100 - 21
+    gaps = [b - a for a, b in itertools.pairwise(after)]
+    assert min(gaps) >= 60 / 1200 - 1e-9         # spaced again at once, not 19 in a heap
+
+
+def _strict_limiter_run(seconds: float, per_second: float, workers: int = 50
+                        ) -> tuple[int, int, Throttle]:
+    """Drive an unconfigured throttle against a limiter that admits a request only when
+    1/per_second has passed since the last admitted one (nginx limit_req, no burst)."""
+    async def main() -> tuple[int, int, Throttle]:
+        loop = asyncio.get_running_loop()
+        throttle = Throttle(rpm=None, tpm=None, concurrency=workers)
+        last_admitted = -math.inf
+        ok = refused = 0
+
+        async def worker() -> None:
+            nonlocal last_admitted, ok, refused
+            while loop.time() < seconds:
+                async with throttle.slot():
+                    await throttle.acquire()
+                    now = loop.time()
+                    await asyncio.sleep(0.01)           # the server's latency
+                if now - last_admitted >= 1.0 / per_second:
+                    last_admitted = now
+                    ok += 1
+                    throttle.on_success({})
+                else:
+                    refused += 1
+                    throttle.on_rate_limited(None)      # nginx sends no Retry-After
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return ok, refused, throttle
+
+    return run_virtual(main)
+
+
+def test_without_rpm_the_rate_is_discovered_on_a_strict_limiter() -> None:
+    ok, refused, throttle = _strict_limiter_run(180.0, per_second=20.0)
+    assert ok >= 0.75 * 20 * 180, ok             # converges instead of oscillating
+    assert refused <= 0.05 * (ok + refused), (ok, refused)
+    assert throttle.rpm is not None and throttle.rpm <= 1200 * 1.05
+
+
+def test_a_discovered_rate_falls_to_a_very_low_limit() -> None:
+    ok, refused, throttle = _strict_limiter_run(600.0, per_second=0.05, workers=8)  # 3/min
+    assert ok >= 0.5 * 0.05 * 600 and refused <= ok, (ok, refused)
+    assert throttle.rpm is not None and throttle.rpm <= 6.0
+
+
+def test_streams_cut_while_others_run_halve_concurrency_down_to_one() -> None:
+    async def main() -> list[int]:
+        throttle = Throttle(rpm=1000, tpm=None, concurrency=16)
+        caps = []
+        slots = [throttle.slot() for _ in range(16)]
+        for s in slots:
+            await s.__aenter__()
+        for _ in range(6):
+            throttle.on_stream_cut()
+            caps.append(throttle.stream_cap)
+        for s in slots:
+            await s.__aexit__(None, None, None)
+        assert throttle.on_stream_cut() is None  # alone on the wire: not the pattern
+        for _ in range(50):
+            throttle.on_success({})
+        caps.append(throttle.stream_cap)
+        return caps
+
+    assert run_virtual(main) == [8, 4, 2, 1, 1, 1, 2]
+
+
+def test_a_lowered_cap_bounds_requests_in_flight_even_with_stated_limits() -> None:
+    async def main() -> int:
+        throttle = Throttle(rpm=60_000, tpm=None, concurrency=8)
+        throttle.stream_cap = 2
+        in_flight = peak = 0
+
+        async def request() -> None:
+            nonlocal in_flight, peak
+            async with throttle.slot():
+                in_flight += 1
+                peak = max(peak, in_flight)
+                await asyncio.sleep(0.1)
+                in_flight -= 1
+
+        await asyncio.gather(*(request() for _ in range(20)))
+        return peak
+
+    assert run_virtual(main) == 2
+
+
+def test_rate_limits_do_not_count_as_attempts_and_are_bounded_by_time() -> None:
+    clock = [0.0]
+    stop = stop_after_failures_or_rate_limit_wait(3, 100.0, clock=lambda: clock[0])
+
+    def outcome(exc: BaseException) -> bool:
+        return stop(_state(exc, 1))
+
+    assert not any(outcome(RateLimited("later", 429)) for _ in range(50))
+    assert not outcome(ServerError("boom", 503))
+    assert not outcome(ServerError("boom", 503))
+    assert outcome(ServerError("boom", 503))            # the third failure that counts
+    fresh = stop_after_failures_or_rate_limit_wait(3, 100.0, clock=lambda: clock[0])
+    assert not fresh(_state(RateLimited("later", 429), 1))
+    clock[0] = 99.0
+    assert not fresh(_state(RateLimited("later", 429), 2))
+    clock[0] = 100.0
+    assert fresh(_state(RateLimited("later", 429), 3))  # 100 s of 429s: give the row up
