@@ -84,9 +84,10 @@ class Pacer:
 
 
 DISCOVER_DECREASE = 0.7
-"""Without --rpm/--tpm: the send rate is multiplied by this on a 429 (once per cooldown)..."""
-DISCOVER_DECREASE_AGAIN = 0.5
-"""...and by this on a 429 that follows another with no success between (far too fast)."""
+"""Without --rpm/--tpm: the send rate is multiplied by this on a 429 that follows a success
+(once per cooldown). 429s with no success between leave it: the server is refusing for a
+while (the doubling cooldown spaces those), and a rate cut to a crawl would take long to
+climb back, with every waiter's slot already reserved at the crawl."""
 DISCOVER_PROBE = 0.05
 """Each success raises a discovered rate by 5% divided by the successes it expects in ten
 seconds (at least one): about 5% a second at fast rates, 5% a success at slow ones."""
@@ -268,14 +269,17 @@ class Throttle:
 
     def _slow_down(self) -> None:
         """A 429 without stated limits: pace (or pace slower) at a discovered rate."""
-        factor = DISCOVER_DECREASE if self._ok_since_429 else DISCOVER_DECREASE_AGAIN
+        if not self._ok_since_429:
+            return
         self._ok_since_429 = False
         if self._rpm is not None:
-            self._rpm.set_rate(max(DISCOVER_MIN_PER_SECOND, self._rpm.per_second * factor))
+            self._rpm.set_rate(max(DISCOVER_MIN_PER_SECOND,
+                                   self._rpm.per_second * DISCOVER_DECREASE))
             return
         seen = len(self._recent_sends)        # sends in the last second
         if seen >= 2:
-            self._rpm = Pacer(max(DISCOVER_MIN_PER_SECOND, seen * factor), spacing=True)
+            self._rpm = Pacer(max(DISCOVER_MIN_PER_SECOND, seen * DISCOVER_DECREASE),
+                              spacing=True)
 
     def _cool_until(self, until: float) -> None:
         self._cooldown_until = until

@@ -328,7 +328,7 @@ def test_without_rpm_the_rate_is_discovered_on_a_strict_limiter() -> None:
 
 def test_a_discovered_rate_falls_to_a_very_low_limit() -> None:
     ok, refused, throttle = _strict_limiter_run(600.0, per_second=0.05, workers=8)  # 3/min
-    assert ok >= 0.5 * 0.05 * 600 and refused <= ok, (ok, refused)
+    assert ok >= 0.5 * 0.05 * 600 and refused <= 3 * ok, (ok, refused)
     assert throttle.rpm is not None and throttle.rpm <= 6.0
 
 
