@@ -54,6 +54,10 @@ def test_litellm_upstream_retry_after_is_read() -> None:
     assert retry_after_seconds({"llm_provider-retry-after": "4",
                                 "x-ratelimit-reset-requests": "6m0s"}) == 4.0
     assert retry_after_seconds({"llm_provider-retry-after": "garbage"}) is None
+    # Not numbers of seconds: a NaN would mean "retry now", an infinity "never".
+    assert retry_after_seconds({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "nan"}) is None
+    assert retry_after_seconds({"llm_provider-retry-after": "inf"}) is None
 
 
 @pytest.mark.parametrize(("status", "kind"), [(429, RateLimited), (503, ServerError)])

@@ -8,6 +8,7 @@ so they are tested on golden JSON. Error answers are turned into the typed error
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -174,17 +175,19 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
 
 def _retry_after(headers: Mapping[str, str], prefix: str, now: float | None) -> float | None:
     """``{prefix}retry-after-ms``, else ``{prefix}retry-after``, in seconds; None if neither
-    parses."""
+    parses (``nan``/``inf`` do not: a NaN would read as "retry now")."""
     ms = headers.get(prefix + "retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            if math.isfinite(wait := float(ms)):
+                return max(0.0, wait / 1000.0)
         except ValueError:
             pass
     ra = headers.get(prefix + "retry-after")
     if ra:
         try:
-            return max(0.0, float(ra))
+            wait = float(ra)
+            return max(0.0, wait) if math.isfinite(wait) else None
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(ra).timestamp()
