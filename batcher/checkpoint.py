@@ -86,6 +86,7 @@ from batcher.io.writer import (
     write_final,
     write_part,
 )
+from batcher.spend import Spend
 from batcher.types import JSON, ResultRow
 
 DEFAULT_COMPACT_EVERY = 50_000
@@ -162,31 +163,19 @@ def input_fingerprint(path: Path) -> str:
 
 
 @dataclass(slots=True)
-class Counters:
+class Counters(Spend):
     """Running totals over the durable record.
 
-    ``ok``/``error`` count ids by their latest result. Tokens and ``cost_usd`` (US dollars) sum
-    every durable result, superseded ones included: an error later retried was still paid for.
+    ``ok``/``error`` count ids by their latest result. Tokens and cost (the :class:`Spend`
+    fields) sum every durable result, superseded ones included: an error later retried was
+    still paid for. A total is None while some answered row's cost or usage is unknown.
     """
 
     ok: int = 0
     error: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def add_spend(self, prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.cost_usd += cost_usd
-
-    def spend(self) -> dict[str, JSON]:
-        return {"prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "cost_usd": self.cost_usd}
 
     def as_dict(self) -> dict[str, JSON]:
-        return {"ok": self.ok, "error": self.error, **self.spend()}
+        return {"ok": self.ok, "error": self.error, **self.totals()}
 
 
 @dataclass(slots=True)
@@ -219,7 +208,7 @@ class _Record:
             pc.equal(table["status"], pa.scalar("ok")), pa.scalar(False)))
         self.pending.append((table["id"], is_ok))
         if spend:
-            self.counters.add_spend(*_sums(table))
+            self.counters.add(_sums(table))
 
     def set_status(self, id_: str, ok: bool) -> None:
         """One new result, newer than everything before (sources must be finished)."""
@@ -293,14 +282,60 @@ def _float(value: JSON) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
-def _sums(table: pa.Table) -> tuple[int, int, float]:
+def _opt_int(value: JSON) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_float(value: JSON) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
+def _sums(table: pa.Table) -> Spend:
+    """The spend of a table of results (``status`` and the :data:`_TOTAL_COLUMNS` present; a
+    missing column counts as all null)."""
+    n = table.num_rows
+    null = pa.nulls(n, pa.int64())
+
+    def column(name: str) -> pa.ChunkedArray[Any] | pa.Array[Any]:
+        return table[name] if name in table.column_names else null
+
+    def count(mask: Any) -> int:
+        return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
     def total(name: str) -> float:
-        if name not in table.column_names:
-            return 0
-        value = pc.sum(table[name]).as_py()
+        value = pc.sum(column(name)).as_py()
         return value if value is not None else 0
-    return (int(total("prompt_tokens")), int(total("completion_tokens")),
-            float(total("cost_usd")))
+
+    ok = cast("pa.ChunkedArray[Any]", pc.fill_null(pc.equal(table["status"], pa.scalar("ok")),
+                                                  pa.scalar(False)))
+    priced = pc.is_valid(column("cost_usd"))
+    usage = pc.or_(pc.is_valid(column("prompt_tokens")), pc.is_valid(column("completion_tokens")))
+    return Spend(
+        prompt_tokens_known=int(total("prompt_tokens")),
+        completion_tokens_known=int(total("completion_tokens")),
+        cost_usd_known=float(total("cost_usd")),
+        rows_priced=count(priced),
+        rows_cost_unknown=count(pc.and_(ok, pc.invert(priced))),
+        rows_usage_reported=count(usage),
+        rows_usage_unknown=count(pc.and_(ok, pc.invert(usage))),
+    )
+
+
+def _finalized_spend(totals: JSON, output: pa.Table | None) -> Spend:
+    """The spend a finalize record holds. One written before the row counts existed has only
+    ``prompt_tokens``/``completion_tokens``/``cost_usd`` sums (nulls added as 0, so: the known
+    sums); its row counts are taken from the finalized ``output``'s own rows."""
+    if isinstance(totals, Mapping):
+        spend = Spend.from_json(totals)
+        if spend is not None:
+            return spend
+    spend = _sums(output) if output is not None else Spend()
+    if isinstance(totals, Mapping):
+        spend.prompt_tokens_known = _int(totals.get("prompt_tokens"))
+        spend.completion_tokens_known = _int(totals.get("completion_tokens"))
+        spend.cost_usd_known = _float(totals.get("cost_usd"))
+    return spend
 
 
 def _read_columns(path: Path, *, spend: bool) -> pa.Table:
@@ -380,12 +415,11 @@ def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool) 
             "counted as done and will be re-run")
     if fin is not None:
         try:
-            rec.add_table(_read_columns(output, spend=False), spend=False)
             totals = fin.get("finalized_totals")
-            if isinstance(totals, Mapping):
-                rec.counters.add_spend(_int(totals.get("prompt_tokens")),
-                                       _int(totals.get("completion_tokens")),
-                                       _float(totals.get("cost_usd")))
+            legacy = not isinstance(totals, Mapping) or Spend.from_json(totals) is None
+            table = _read_columns(output, spend=legacy)
+            rec.add_table(table, spend=False)
+            rec.counters.add(_finalized_spend(totals, table if legacy else None))
             rec.output_trusted = True
         except (OSError, ValueError, pa.ArrowException) as exc:
             rec.warnings.append(f"{output} could not be read ({exc}); its rows will be re-run")
@@ -439,9 +473,9 @@ def scan_journal(journal: Path, rec: _Record) -> None:
         ids.append(record["id"])
         status = record.get("status")
         statuses.append(status if isinstance(status, str) else None)
-        rec.counters.add_spend(_int(record.get("prompt_tokens")),
-                               _int(record.get("completion_tokens")),
-                               _float(record.get("cost_usd")))
+        rec.counters.add_result(status == "ok", _opt_int(record.get("prompt_tokens")),
+                                _opt_int(record.get("completion_tokens")),
+                                _opt_float(record.get("cost_usd")))
     rec.add_table(pa.table({"id": pa.array(ids, pa.string()),
                             "status": pa.array(statuses, pa.string())}), spend=False)
     # Mid-run the last line may be a write in progress, not a torn one: don't report it.
@@ -741,8 +775,8 @@ class StateStore:
             self._need_newline = False
             for r in rows:
                 self._record.set_status(r.id, r.status == "ok")
-                self.counters.add_spend(r.prompt_tokens or 0, r.completion_tokens or 0,
-                                        r.cost_usd or 0.0)
+                self.counters.add_result(r.status == "ok", r.prompt_tokens,
+                                         r.completion_tokens, r.cost_usd)
             self._record.finish()
             self._journal_rows += len(rows)
             now = time.monotonic()
@@ -790,7 +824,7 @@ class StateStore:
             token = uuid.uuid4().hex
             record: dict[str, JSON] = {"finalized_token": token,
                                        "finalized_through_seq": through,
-                                       "finalized_totals": self.counters.spend()}
+                                       "finalized_totals": Spend.to_json(self.counters)}
             self._meta["finalizing"] = record
             _write_meta(self.state_dir, self._meta)
             try:
@@ -983,7 +1017,9 @@ def status(output: Path) -> dict[str, JSON]:
     ``state`` (the job status from meta: running/finished/interrupted/aborted or None),
     ``run_id``, ``total_rows`` (None until the runner records it), ``bad_rows``, ``done``
     (ids with a result), ``ok``, ``error``, ``pending`` (``total_rows - done``, None when the
-    total is unknown), ``prompt_tokens``, ``completion_tokens``, ``cost_usd``,
+    total is unknown), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` (None while some
+    answered row's usage or cost is unknown) and the partial sums and row counts beside them
+    (see :meth:`batcher.spend.Spend.totals`),
     ``last_update`` (ISO-8601 UTC of the latest state write), ``finalized_rows``,
     ``corrupt_parts``, ``warnings``. With no state dir but an output, counts come from the
     output file itself.
@@ -1003,8 +1039,6 @@ def status(output: Path) -> dict[str, JSON]:
     done = rec.done
     pending = max(0, total - done) if isinstance(total, int) else None
     counters = rec.counters.as_dict()
-    if isinstance(counters.get("cost_usd"), float):
-        counters["cost_usd"] = round(float(counters["cost_usd"]), 6)
     return {
         "output": str(output),
         "state_dir": str(state),

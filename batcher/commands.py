@@ -110,9 +110,13 @@ def _report(summary: RunSummary, *, table: bool) -> None:
     from batcher.progress import render_summary
 
     log = get_logger()
+    partial: dict[str, float | int] = {}
+    if summary.cost_usd is None:
+        partial = {"cost_usd_known": summary.cost_usd_known,
+                   "rows_cost_unknown": summary.rows_cost_unknown}
     log.info("run_finished", outcome=summary.outcome, exit_code=summary.exit_code,
              rows=summary.rows, ok=summary.ok, error=summary.error, skipped=summary.skipped,
-             cost_usd=summary.cost_usd, duration_s=summary.duration_s,
+             cost_usd=summary.cost_usd, **partial, duration_s=summary.duration_s,
              resume=summary.resume_command)
     if table:
         render_summary(summary, sys.stderr)
@@ -224,6 +228,10 @@ def estimate_job(config: RunConfig) -> EstimateReport:
     return report
 
 
+UNKNOWN_TOTALS = frozenset({"prompt_tokens", "completion_tokens", "cost_usd"})
+"""``batcher status`` keys that are None when a total is unknown (shown so, not as None)."""
+
+
 def execute_status(target: Path, *, as_json: bool) -> int:
     """``batcher status``: an output's state (works mid-run), or every output of a job file."""
     try:
@@ -240,6 +248,8 @@ def execute_status(target: Path, *, as_json: bool) -> int:
     for info in infos:
         width = max(len(k) for k in info)
         for key, value in info.items():
+            if value is None and key in UNKNOWN_TOTALS:
+                value = "unknown"  # some answered row's usage or cost is: never a silent 0
             print(f"{key:<{width}}  {value}")
         print()
     return 0

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from batcher.runner import Progress as RunProgress
 from batcher.runner import RunSummary
+from batcher.spend import Spend
 
 REFRESH_S = 0.25
 
@@ -44,8 +45,8 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
                 elapsed = max(1e-9, time.monotonic() - t0)
                 bar.update(task, total=progress.total, completed=done,
                            rate=f"{sent / elapsed:,.0f}",
-                           tokens=f"{progress.prompt_tokens + progress.completion_tokens:,}",
-                           cost=f"{progress.cost_usd:,.4f}",
+                           tokens=_running_tokens(progress.spend),
+                           cost=_running_cost(progress.spend),
                            errors=progress.error + progress.bad_rows)
                 bar.refresh()
                 await asyncio.sleep(REFRESH_S)
@@ -65,8 +66,8 @@ def render_summary(summary: RunSummary, stream: TextIO) -> None:
                  f"{summary.skipped:,} bad input skipped)"),
         ("this run", f"{summary.sent_this_run:,} answered in {summary.duration_s:,.1f} s"
                      + (f", {summary.resumed:,} already done" if summary.resumed else "")),
-        ("tokens", f"{summary.prompt_tokens:,} in, {summary.completion_tokens:,} out"),
-        ("cost", f"${summary.cost_usd:,.4f}"),
+        ("tokens", tokens_text(summary)),
+        ("cost", cost_text(summary)),
     ]
     if summary.errors_by_type:
         rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in
@@ -79,3 +80,48 @@ def render_summary(summary: RunSummary, stream: TextIO) -> None:
     for key, value in rows:
         table.add_row(f"[bold]{key}", value)
     console.print(table)
+
+
+def _running_tokens(spend: Spend) -> str:
+    """The bar's token figure: ``+?`` marks rows whose usage was not reported."""
+    known = f"{spend.prompt_tokens_known + spend.completion_tokens_known:,}"
+    if not spend.rows_usage_unknown:
+        return known
+    return f"{known}+?" if spend.rows_usage_reported else "?"
+
+
+def _running_cost(spend: Spend) -> str:
+    """The bar's cost figure: ``+?`` marks rows whose cost is unknown, never a silent 0."""
+    known = f"{spend.cost_usd_known:,.4f}"
+    if not spend.rows_cost_unknown:
+        return known
+    return f"{known}+?" if spend.rows_priced else "?"
+
+
+def tokens_text(summary: RunSummary) -> str:
+    """The summary's token line: the totals, or which rows reported no usage."""
+    if summary.prompt_tokens is not None and summary.completion_tokens is not None:
+        return f"{summary.prompt_tokens:,} in, {summary.completion_tokens:,} out"
+    unknown, reported = summary.rows_usage_unknown, summary.rows_usage_reported
+    if not reported:
+        return f"usage not reported by the server ({unknown:,} rows)"
+    return (f"usage not reported for {unknown:,} rows ({summary.prompt_tokens_known:,} in, "
+            f"{summary.completion_tokens_known:,} out for the other {reported:,})")
+
+
+def cost_text(summary: RunSummary) -> str:
+    """The summary's cost line: the total, or for how many rows it is unknown, what the priced
+    rest cost, and why (a missing price, or no usage to price)."""
+    if summary.cost_usd is not None:
+        return dollars(summary.cost_usd)
+    unknown, priced = summary.rows_cost_unknown, summary.rows_priced
+    text = (f"unknown for {unknown:,} rows ({dollars(summary.cost_usd_known)} for the other "
+            f"{priced:,})" if priced else f"unknown for all {unknown:,} rows")
+    if unknown > summary.rows_usage_unknown:
+        return text + " — no price known for the model: set --price-input and --price-output"
+    return text + " — no usage reported"
+
+
+def dollars(amount: float) -> str:
+    """``$1.2345``; an amount too small for 4 decimals gets 6, so it never reads as $0."""
+    return f"${amount:,.6f}" if 0 < abs(amount) < 0.00005 else f"${amount:,.4f}"

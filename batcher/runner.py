@@ -62,6 +62,7 @@ from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.retry import retrying
 from batcher.secrets import check_key, redactor, resolve_headers
+from batcher.spend import Spend
 from batcher.tokens import (
     APPROX_FACTOR,
     request_input_tokens,
@@ -100,9 +101,8 @@ class Progress:
     ok: int = 0
     error: int = 0
     bad_rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
+    spend: Spend = field(default_factory=Spend)
+    """this run's tokens and cost (partial sums while some row's are unknown)."""
     retries: int = 0
     rate_limited: int = 0
     cache_hits: int = 0
@@ -139,15 +139,28 @@ class RunSummary:
     resumed: int
     """rows already done when this run started."""
     sent_this_run: int
-    prompt_tokens: int
-    """tokens and cost: the whole output's (every run of it, retried errors included)."""
-    completion_tokens: int
-    cost_usd: float
-    cost_usd_this_run: float
+    prompt_tokens: int | None
+    """tokens and cost: the whole output's (every run of it, retried errors included); None
+    when some ok row's usage / cost is unknown (never a silent 0: see the ``*_known`` sums
+    and the ``rows_*`` counts below)."""
+    completion_tokens: int | None
+    cost_usd: float | None
+    cost_usd_this_run: float | None
     errors_by_type: dict[str, int]
     resume_command: str | None = None
     cache_hits: int = 0
     """rows of this run served from the response cache (not sent, cost 0)."""
+    cost_usd_known: float = 0.0
+    """the cost of the ``rows_priced`` rows (all of ``cost_usd`` when nothing is unknown)."""
+    rows_priced: int = 0
+    rows_cost_unknown: int = 0
+    """ok rows whose cost is unknown: no price for the model, or no usage reported."""
+    prompt_tokens_known: int = 0
+    """the tokens of the ``rows_usage_reported`` rows."""
+    completion_tokens_known: int = 0
+    rows_usage_reported: int = 0
+    rows_usage_unknown: int = 0
+    """ok rows whose answer carried no usage (e.g. a stream without a usage chunk)."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -260,7 +273,7 @@ class Runner:
                 self._cache = ResponseCache(config.cache)
             skip = store.done_ids(include_errors=not config.retry_failed)
             # The cap is for the output, not for one run: earlier runs' spend counts.
-            self._budget.spent = store.counters.cost_usd
+            self._budget.spent = store.counters.cost_usd_known
             self.progress.total = total
             self.progress.already_done = len(skip)
             store.update_meta(status="running", total_rows=total,
@@ -520,9 +533,8 @@ class Runner:
                     else:
                         progress.error += 1
                         self._errors_by_type[r.error_type or "error"] += 1
-                    progress.prompt_tokens += r.prompt_tokens or 0
-                    progress.completion_tokens += r.completion_tokens or 0
-                    progress.cost_usd += r.cost_usd or 0.0
+                    progress.spend.add_result(r.status == "ok", r.prompt_tokens,
+                                              r.completion_tokens, r.cost_usd)
             if self._workers_done and not self._pending:
                 return
 
@@ -955,12 +967,21 @@ class Runner:
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
             sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
-            completion_tokens=totals.completion_tokens, cost_usd=round(totals.cost_usd, 6),
-            cost_usd_this_run=round(p.cost_usd, 6), errors_by_type=dict(self._errors_by_type),
-            cache_hits=p.cache_hits,
+            completion_tokens=totals.completion_tokens, cost_usd=_usd(totals.cost_usd),
+            cost_usd_this_run=_usd(p.spend.cost_usd), errors_by_type=dict(self._errors_by_type),
+            cache_hits=p.cache_hits, cost_usd_known=round(totals.cost_usd_known, 6),
+            rows_priced=totals.rows_priced, rows_cost_unknown=totals.rows_cost_unknown,
+            prompt_tokens_known=totals.prompt_tokens_known,
+            completion_tokens_known=totals.completion_tokens_known,
+            rows_usage_reported=totals.rows_usage_reported,
+            rows_usage_unknown=totals.rows_usage_unknown,
         )
         write_summary(config.summary_path, summary)
         return summary
+
+
+def _usd(amount: float | None) -> float | None:
+    return round(amount, 6) if amount is not None else None
 
 
 def write_summary(path: Path, summary: RunSummary) -> None:

@@ -165,8 +165,11 @@ def test_appended_rows_are_done_for_a_new_store(tmp_path: Path) -> None:
         assert again.done_ids(include_errors=False) == {"r0", "r1", "r2"}
         assert again.done_ids(include_errors=True) == {"r0", "r1", "r2", "e0", "e1"}
         c = again.counters
-        assert (c.ok, c.error, c.prompt_tokens, c.completion_tokens, c.cost_usd) == (
-            3, 2, 7, 3, 0.25)
+        assert (c.ok, c.error, c.prompt_tokens_known, c.completion_tokens_known,
+                c.cost_usd_known) == (3, 2, 7, 3, 0.25)
+        # The first answers of r0..r2 carried no usage or cost: no total, never a silent 0.
+        assert (c.rows_priced, c.rows_cost_unknown, c.cost_usd) == (1, 3, None)
+        assert (c.rows_usage_reported, c.rows_usage_unknown, c.prompt_tokens) == (1, 3, None)
         assert again.discarded_records == 0
 
 
@@ -180,6 +183,33 @@ def test_latest_result_of_an_id_wins(tmp_path: Path) -> None:
     with open_store(out) as again:
         assert again.done_ids(include_errors=False) == {"a"}
         assert again.done_ids(include_errors=True) == {"a", "b"}
+
+
+def test_unknown_cost_and_usage_counts_agree_in_journal_part_and_output(
+        tmp_path: Path) -> None:
+    # 2 priced answers with usage, 3 answers with neither, 1 error: from a live journal
+    # (status), from parts (reopen) and from the finalize record (after finalize).
+    out = tmp_path / "results.parquet"
+    priced = rows(2, prompt_tokens=10, completion_tokens=5, cost_usd=0.5)
+    unknown = rows(3, prefix="u")
+    expected = {"cost_usd": None, "cost_usd_known": 1.0, "rows_priced": 2,
+                "rows_cost_unknown": 3, "prompt_tokens": None, "prompt_tokens_known": 20,
+                "completion_tokens_known": 10, "rows_usage_reported": 2,
+                "rows_usage_unknown": 3}
+
+    def seen(counts: dict[str, Any]) -> dict[str, Any]:
+        return {key: counts[key] for key in expected}
+
+    with open_store(out) as store:
+        store.append(priced + unknown + rows(1, prefix="e", status="error"))
+        assert seen(status(out)) == expected
+        assert seen(store.counters.as_dict()) == expected
+    with open_store(out) as store:
+        assert seen(store.counters.as_dict()) == expected
+        store.finalize()
+    with open_store(out) as store:
+        assert seen(store.counters.as_dict()) == expected
+    assert seen(status(out)) == expected
 
 
 @pytest.mark.parametrize(("seed", "answered_again"), [(0, True), (1, True), (2, True),

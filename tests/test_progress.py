@@ -14,24 +14,41 @@ from pathlib import Path
 from batcher.progress import render_summary, show_progress
 from batcher.runner import Progress, RunSummary
 from batcher.simulate import SimulatorThread
+from batcher.spend import Spend
 from tests.conftest import prompts, run_cli, write_jsonl
 
 
-async def test_progress_bar_shows_rows_rate_tokens_cost_and_errors() -> None:
-    progress = Progress(total=1000, already_done=100, ok=400, error=7, bad_rows=2,
-                        prompt_tokens=12_345, completion_tokens=6_789, cost_usd=1.2345)
+async def _bar_text(progress: Progress) -> str:
     stream = io.StringIO()
     task = asyncio.create_task(show_progress(progress, stream))
     await asyncio.sleep(0.3)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    text = stream.getvalue()
+    return stream.getvalue()
+
+
+async def test_progress_bar_shows_rows_rate_tokens_cost_and_errors() -> None:
+    spend = Spend(prompt_tokens_known=12_345, completion_tokens_known=6_789,
+                  cost_usd_known=1.2345, rows_priced=400, rows_usage_reported=400)
+    progress = Progress(total=1000, already_done=100, ok=400, error=7, bad_rows=2, spend=spend)
+    text = await _bar_text(progress)
     assert "507/1000" in text
     assert "rows/s" in text
     assert "19,134 tok" in text
     assert "$1.2345" in text
     assert "9 err" in text
+
+
+async def test_progress_bar_marks_unknown_cost_and_usage_instead_of_zero() -> None:
+    unknown = Spend(rows_cost_unknown=5, rows_usage_unknown=5)
+    text = await _bar_text(Progress(total=10, ok=5, spend=unknown))
+    assert "? tok" in text and "$?" in text and "$0.0000" not in text
+    partial = Spend(prompt_tokens_known=100, completion_tokens_known=20, cost_usd_known=0.5,
+                    rows_priced=3, rows_usage_reported=3, rows_cost_unknown=2,
+                    rows_usage_unknown=2)
+    text = await _bar_text(Progress(total=10, ok=5, spend=partial))
+    assert "120+? tok" in text and "$0.5000+?" in text
 
 
 def test_summary_table_names_outcome_counts_and_resume_command() -> None:

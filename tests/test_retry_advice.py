@@ -6,7 +6,14 @@ import email.utils
 
 import pytest
 
-from batcher.providers.base import join_url, parse_duration, retry_after_seconds
+from batcher.errors import RateLimited, ServerError
+from batcher.providers.base import (
+    error_for_status,
+    join_url,
+    parse_duration,
+    retry_after_seconds,
+)
+from batcher.types import HttpResponse
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -30,6 +37,34 @@ def test_retry_after_prefers_ms_then_seconds_then_http_date_then_resets() -> Non
     assert retry_after_seconds({"retry-after": "garbage"}) is None
     assert retry_after_seconds({}) is None
 
+
+
+def test_litellm_upstream_retry_after_is_read() -> None:
+    # LiteLLM's proxy forwards an upstream 429's advice only under its llm_provider- prefix.
+    assert retry_after_seconds({"llm_provider-retry-after": "7"}) == 7.0
+    assert retry_after_seconds({"llm_provider-retry-after-ms": "1500",
+                                "llm_provider-retry-after": "9"}) == 1.5
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert retry_after_seconds({"llm_provider-retry-after": date}, now=now) == \
+        pytest.approx(30, abs=1)
+    # Proxy and upstream both advise: the longer wait; either beats the reset headers.
+    assert retry_after_seconds({"retry-after": "2", "llm_provider-retry-after": "5"}) == 5.0
+    assert retry_after_seconds({"retry-after": "8", "llm_provider-retry-after": "5"}) == 8.0
+    assert retry_after_seconds({"llm_provider-retry-after": "4",
+                                "x-ratelimit-reset-requests": "6m0s"}) == 4.0
+    assert retry_after_seconds({"llm_provider-retry-after": "garbage"}) is None
+    # Not numbers of seconds: a NaN would mean "retry now", an infinity "never".
+    assert retry_after_seconds({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "nan"}) is None
+    assert retry_after_seconds({"llm_provider-retry-after": "inf"}) is None
+
+
+@pytest.mark.parametrize(("status", "kind"), [(429, RateLimited), (503, ServerError)])
+def test_litellm_retry_after_reaches_the_typed_error(status: int, kind: type) -> None:
+    error = error_for_status(HttpResponse(status, {"llm_provider-retry-after": "3"},
+                                          b'{"error": {"message": "slow down"}}'))
+    assert isinstance(error, kind) and error.retry_after == 3.0
 
 @pytest.mark.parametrize(("base", "path", "url"), [
     ("https://api.openai.com/v1", "/chat/completions", "https://api.openai.com/v1/chat/completions"),

@@ -183,6 +183,19 @@ async def test_chat_stream_with_usage_and_done() -> None:
     assert all(c["choices"] and "usage" not in c for c in bare_chunks)
 
 
+async def test_omit_stream_usage_ignores_include_usage() -> None:
+    asked = {"stream": True, "stream_options": {"include_usage": True}}
+    async with served(SimConfig(omit_stream_usage=True)) as client:
+        _, _, chat = await post(client, CHAT, {**USER_HELLO, "model": "m", **asked})
+        _, _, plain = await post(client, CHAT, {**USER_HELLO, "model": "m"})
+    data = sse_data(chat)
+    assert data[-1] == "[DONE]"
+    chunks = [orjson.loads(d) for d in data[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["choices"] and not c.get("usage") for c in chunks)
+    assert orjson.loads(plain)["usage"]["total_tokens"] > 0  # only streams lose it
+
+
 async def test_legacy_completions() -> None:
     async with served() as client:
         status, _, raw = await post(client, "/v1/completions",

@@ -8,6 +8,7 @@ so they are tested on golden JSON. Error answers are turned into the typed error
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -145,21 +146,48 @@ def parse_duration(value: str) -> float | None:
     return total if pos == len(value) and pos > 0 else None
 
 
+LITELLM_PREFIX = "llm_provider-"
+"""LiteLLM's proxy passes the upstream provider's headers on under this prefix, and an upstream
+429's ``retry-after`` only so (BerriAI/litellm#21553)."""
+
+
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """The server's advised wait in seconds, from (in order) ``retry-after-ms``,
     ``retry-after`` (seconds or an HTTP date), then the larger of
     ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``. None when none is given.
+
+    A LiteLLM proxy's ``llm_provider-retry-after-ms`` / ``llm_provider-retry-after`` (the
+    upstream provider's advice) count as well: when both the proxy and the upstream advise a
+    wait, the longer one wins, since retrying earlier than either said gets another 429.
     Header names must be lower-case."""
-    ms = headers.get("retry-after-ms")
+    advised = [wait for wait in (_retry_after(headers, "", now),
+                                 _retry_after(headers, LITELLM_PREFIX, now))
+               if wait is not None]
+    if advised:
+        return max(advised)
+    resets = [
+        d for d in (parse_duration(headers.get("x-ratelimit-reset-requests", "")),
+                    parse_duration(headers.get("x-ratelimit-reset-tokens", "")))
+        if d is not None
+    ]
+    return max(resets) if resets else None
+
+
+def _retry_after(headers: Mapping[str, str], prefix: str, now: float | None) -> float | None:
+    """``{prefix}retry-after-ms``, else ``{prefix}retry-after``, in seconds; None if neither
+    parses (``nan``/``inf`` do not: a NaN would read as "retry now")."""
+    ms = headers.get(prefix + "retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            if math.isfinite(wait := float(ms)):
+                return max(0.0, wait / 1000.0)
         except ValueError:
             pass
-    ra = headers.get("retry-after")
+    ra = headers.get(prefix + "retry-after")
     if ra:
         try:
-            return max(0.0, float(ra))
+            wait = float(ra)
+            return max(0.0, wait) if math.isfinite(wait) else None
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(ra).timestamp()
@@ -167,12 +195,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
                 when = None
             if when is not None:
                 return max(0.0, when - (time.time() if now is None else now))
-    resets = [
-        d for d in (parse_duration(headers.get("x-ratelimit-reset-requests", "")),
-                    parse_duration(headers.get("x-ratelimit-reset-tokens", "")))
-        if d is not None
-    ]
-    return max(resets) if resets else None
+    return None
 
 
 def _error_fields(body: bytes) -> tuple[str, str]:

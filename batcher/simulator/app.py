@@ -107,6 +107,10 @@ class _State:
     def answer_tokens(self) -> int:
         return self.config.answer_tokens
 
+    @property
+    def omit_stream_usage(self) -> bool:
+        return self.config.omit_stream_usage
+
     def new_id(self, prefix: str) -> str:
         return f"{prefix}sim{self._id_base}{next(self._ids):08x}"
 

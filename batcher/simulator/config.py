@@ -78,6 +78,8 @@ class SimConfig:
     probabilities in [0, 1] whose sum is at most 1 (one draw per request, so a request gets
     at most one fault); ``retry_after_s`` the Retry-After, in seconds, of random 429s;
     ``answer_tokens`` the typical answer length in tokens (1 token = 4 characters).
+    ``omit_stream_usage``: OpenAI-shape streams (chat, completions) never carry a usage chunk,
+    even when ``stream_options.include_usage`` asks for one, as some servers and gateways do.
     ``script`` items (see :func:`parse_script_item`) are consumed one per API request, in
     arrival order, before anything else is decided; after the script, behaviour is normal.
     """
@@ -100,6 +102,7 @@ class SimConfig:
     seed: int = 0
     answer_tokens: int = 16
     retry_after_s: float = 1.0
+    omit_stream_usage: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s"):
@@ -189,6 +192,8 @@ SIM_OPTIONS: tuple[SimOption, ...] = (
     SimOption("answer_tokens", "--answer-tokens", int, "Typical answer length in tokens."),
     SimOption("retry_after_s", "--retry-after", float,
               "Retry-After (seconds) sent with random 429s."),
+    SimOption("omit_stream_usage", "--omit-stream-usage", bool,
+              "Streams (chat, completions) carry no usage, even when include_usage asks."),
 )
 
 

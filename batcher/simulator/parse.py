@@ -21,6 +21,9 @@ class Context(Protocol):
     @property
     def answer_tokens(self) -> int: ...
 
+    @property
+    def omit_stream_usage(self) -> bool: ...
+
     def new_id(self, prefix: str) -> str: ...
 
 
@@ -100,9 +103,11 @@ def _last_user(messages: list[dict[str, Any]], texts: list[str]) -> str:
     return texts[-1]
 
 
-def _wants_usage(payload: dict[str, Any]) -> bool:
+def _wants_usage(payload: dict[str, Any], ctx: Context) -> bool:
+    """Whether a stream ends with a usage chunk: asked for, and not omitted by the config."""
     options = payload.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    return (isinstance(options, dict) and options.get("include_usage") is True
+            and not ctx.omit_stream_usage)
 
 
 def parse_chat(payload: Any, request: web.Request, ctx: Context) -> Plan:
@@ -124,7 +129,7 @@ def parse_chat(payload: Any, request: web.Request, ctx: Context) -> Plan:
     if body.get("stream") is True:
         plan.frames = wire.chat_stream_frames(rid, created, model, content, finish,
                                               prompt_tokens, completion_tokens,
-                                              _wants_usage(body))
+                                              _wants_usage(body, ctx))
     else:
         plan.body = orjson.dumps(wire.chat_completion(rid, created, model, content, finish,
                                                       prompt_tokens, completion_tokens))
@@ -155,7 +160,7 @@ def parse_completions(payload: Any, request: web.Request, ctx: Context) -> Plan:
     created = int(time.time())
     if body.get("stream") is True:
         plan.frames = wire.completion_stream_frames(rid, created, model, texts, prompt_tokens,
-                                                    completion_tokens, _wants_usage(body))
+                                                    completion_tokens, _wants_usage(body, ctx))
     else:
         plan.body = orjson.dumps(wire.text_completion(rid, created, model, texts,
                                                       prompt_tokens, completion_tokens))
