@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from batcher.simulate import (
     make_app,
     sim_config_from,
 )
-from batcher.simulator.limits import SliceLimiter
+from batcher.simulator.limits import IntervalLimiter, SliceLimiter
 from batcher.simulator.run import SHUTDOWN_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -540,6 +542,120 @@ def test_slice_limiter_averages_fractional_rates() -> None:
     assert not slow.try_take(3.5, 1) or not slow.try_take(3.6, 1)
 
 
+def test_interval_limiter_admits_one_per_interval_since_the_last_admitted() -> None:
+    limiter = IntervalLimiter(1200)  # nginx rate=20r/s: one per 50 ms, no burst
+    assert limiter.interval == pytest.approx(0.05)
+    assert limiter.try_take(100.0)
+    assert not limiter.try_take(100.0)  # back to back: refused
+    assert not limiter.try_take(100.049)
+    assert limiter.wait(100.02) == pytest.approx(0.03)
+    assert limiter.try_take(100.05)  # exactly one interval later (despite float rounding)
+    assert limiter.wait(100.05) == pytest.approx(0.05)
+    assert not limiter.try_take(100.06)
+    assert not limiter.try_take(100.099)
+    assert limiter.try_take(100.1)  # 50 ms after the last *admitted*: refusals moved nothing
+    assert limiter.wait(100.2) == 0.0
+
+
+def test_interval_limiter_refusals_do_not_move_the_clock() -> None:
+    # A client sending every 10 ms gets exactly every fifth request through, no more and no
+    # fewer; were refusals to restart the interval, nothing after the first would pass.
+    limiter = IntervalLimiter(1200)
+    admitted = [i for i in range(101) if limiter.try_take(100.0 + i * 0.01)]
+    assert admitted == list(range(0, 101, 5))
+    # Unlike the one-second slices, which admit a slice's 20 requests at once.
+    slices = SliceLimiter(1200)
+    assert sum(slices.try_take(7.0, 1) for _ in range(25)) == 20
+    strict = IntervalLimiter(1200)
+    assert sum(strict.try_take(7.0) for _ in range(25)) == 1
+
+
+def test_interval_limiter_slow_rates() -> None:
+    limiter = IntervalLimiter(30)  # one per 2 s
+    assert [limiter.try_take(t) for t in (0.0, 1.0, 1.999, 2.0, 3.9, 4.0)] == [
+        True, False, False, True, False, True]
+    with pytest.raises(ValueError):
+        IntervalLimiter(0)
+
+
+async def test_strict_rpm_answers_429_without_headers_unless_asked() -> None:
+    clock = FakeClock(100.0)
+    async with served(SimConfig(strict_rpm=1200), clock) as client:
+        first = await post(client, CHAT, USER_HELLO)
+        second = await post(client, CHAT, USER_HELLO)
+        clock.now = 100.03
+        third = await post(client, CHAT, USER_HELLO)
+        clock.now = 100.05
+        fourth = await post(client, CHAT, USER_HELLO)
+        stats = stats_of(client)
+        assert (stats.strict_admitted, stats.strict_refused, stats.rate_limited) == (2, 2, 0)
+        assert stats.by_status == {200: 2, 429: 2}
+        assert client.app[STATS_KEY].as_dict()["strict_refused"] == 2
+    assert [a[0] for a in (first, second, third, fourth)] == [200, 429, 429, 200]
+    for _, headers, raw in (second, third):
+        assert "retry-after" not in headers and "retry-after-ms" not in headers
+        assert not any(h.startswith("x-ratelimit") for h in headers)
+        assert orjson.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_strict_retry_after_is_sent_when_asked_in_each_shape() -> None:
+    clock = FakeClock(5.0)
+    anthropic = {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    gemini = {"contents": [{"parts": [{"text": "x"}]}]}
+    async with served(SimConfig(strict_rpm=60, strict_retry_after=1.5), clock) as client:
+        ok = await post(client, CHAT, USER_HELLO)
+        openai = await post(client, CHAT, USER_HELLO)
+        claude = await post(client, "/v1/messages", anthropic)
+        google = await post(client, "/v1beta/models/g:generateContent", gemini)
+    assert ok[0] == 200
+    assert openai[0] == 429 and openai[1]["retry-after"] == "1.5"
+    assert claude[0] == 429 and claude[1]["retry-after"] == "1.5"
+    assert orjson.loads(claude[2])["error"]["type"] == "rate_limit_error"
+    assert google[0] == 429 and "retry-after" not in google[1]
+    assert orjson.loads(google[2])["error"]["details"][0]["retryDelay"] == "1.5s"
+
+
+async def test_strict_rpm_limits_before_the_key_check_and_the_slices() -> None:
+    # A gateway refuses before anything behind it looks at the request: a refused request
+    # with a wrong key gets 429, not 401, and takes nothing from the --rpm slices.
+    clock = FakeClock(10.0)
+    config = SimConfig(strict_rpm=600, rpm=60, require_key="sk-right")
+    async with served(config, clock) as client:
+        good = {"Authorization": "Bearer sk-right"}
+        admitted = await post(client, CHAT, USER_HELLO, good)
+        refused = await post(client, CHAT, USER_HELLO, {"Authorization": "Bearer sk-wrong"})
+        clock.now = 11.0
+        next_slice = await post(client, CHAT, USER_HELLO, good)
+        clock.now = 11.5  # the strict interval (0.1 s) has passed, the slice is used up
+        sliced = await post(client, CHAT, USER_HELLO, good)
+        stats = stats_of(client)
+        assert (stats.strict_admitted, stats.strict_refused, stats.rate_limited) == (3, 1, 1)
+    assert [a[0] for a in (admitted, refused, next_slice, sliced)] == [200, 429, 200, 429]
+    assert "retry-after" in sliced[1] and "retry-after" not in refused[1]
+
+
+def test_strict_rpm_end_to_end_back_to_back(make_sim: Callable[..., SimulatorThread]) -> None:
+    sim = make_sim(strict_rpm=60)  # one request per second: back to back is surely too soon
+
+    def send() -> tuple[int, str | None]:
+        request = urllib.request.Request(
+            sim.base_url + "/chat/completions", data=orjson.dumps(USER_HELLO),
+            headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                resp.read()
+                return resp.status, resp.headers.get("retry-after")
+        except urllib.error.HTTPError as exc:
+            exc.read()
+            return exc.code, exc.headers.get("retry-after")
+
+    assert [send(), send()] == [(200, None), (429, None)]
+    with urllib.request.urlopen(sim.root_url + "/_stats", timeout=10) as resp:
+        stats = orjson.loads(resp.read())
+    assert (stats["strict_admitted"], stats["strict_refused"]) == (1, 1)
+    assert stats["by_status"] == {"200": 1, "429": 1} and stats["rate_limited"] == 0
+
+
 # --- stats ------------------------------------------------------------------------------
 
 
@@ -682,6 +798,13 @@ def test_sim_config_from_validates_and_names_the_option() -> None:
         sim_config_from(latency_ms=-1)
     with pytest.raises(ValueError, match="--rpm"):
         sim_config_from(rpm=0)
+    assert sim_config_from(strict_rpm=1200.0).strict_rpm == 1200.0
+    with pytest.raises(ValueError, match="--strict-rpm"):
+        sim_config_from(strict_rpm=0)
+    with pytest.raises(ValueError, match="--strict-retry-after needs --strict-rpm"):
+        sim_config_from(strict_retry_after=1.0)
+    with pytest.raises(ValueError, match="--strict-retry-after"):
+        sim_config_from(strict_rpm=60, strict_retry_after=-1)
     with pytest.raises(ValueError, match="--script"):
         sim_config_from(script=("429:retry-after=soon",))
     with pytest.raises(ValueError, match="--script"):

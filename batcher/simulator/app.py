@@ -5,15 +5,19 @@ What a request goes through, in order (the first that applies answers it):
 1. the next ``script`` item, if any: a scripted fault answers (after the latency) without
    any of the checks below; ``ok`` and ``cut-stream`` go through them, and a scripted
    request never gets a random fault;
-2. ``require_key``: 401 unless ``Authorization: Bearer``, ``x-api-key``, ``x-goog-api-key``,
+2. ``strict_rpm``: a gateway's limiter in front of everything else, as nginx ``limit_req``
+   with no burst: 429 unless ``60 / strict_rpm`` seconds have passed since the last admitted
+   request (refusals do not move that clock), with ``retry-after`` (Gemini: a RetryInfo
+   ``retryDelay``) only when ``strict_retry_after`` is set, and no ``x-ratelimit-*`` headers;
+3. ``require_key``: 401 unless ``Authorization: Bearer``, ``x-api-key``, ``x-goog-api-key``,
    ``api-key`` or ``?key=`` carries the key (the key sent is never echoed);
-3. ``quota_exhausted``: 429 with the endpoint's "credit is gone" body;
-4. the body: invalid JSON or missing/invalid fields → 400 in the endpoint's error shape;
-5. rpm/tpm enforcement in one-second slices → 429 with ``retry-after`` (fractional
+4. ``quota_exhausted``: 429 with the endpoint's "credit is gone" body;
+5. the body: invalid JSON or missing/invalid fields → 400 in the endpoint's error shape;
+6. rpm/tpm enforcement in one-second slices → 429 with ``retry-after`` (fractional
    seconds) and, on OpenAI paths, ``retry-after-ms`` (Gemini: a RetryInfo ``retryDelay``);
-6. one random draw against the fault rates (``fail_rate`` answers 500, or 529
+7. one random draw against the fault rates (``fail_rate`` answers 500, or 529
    ``overloaded_error`` on the Anthropic path);
-7. the latency (latency ± jitter; not for hangs), then the fault or the answer.
+8. the latency (latency ± jitter; not for hangs), then the fault or the answer.
 
 A cut (``cut-stream``) sends about half of a stream (never its ``[DONE]``/``message_stop``)
 and closes the connection; on a request that is not streamed it sends half of the JSON body
@@ -21,7 +25,7 @@ under the full Content-Length. A drop reads the request and closes the connectio
 holds it until the client gives up or the server shuts down (then the connection closes).
 Unknown paths answer an OpenAI-style 404 JSON and are not counted in the stats.
 
-Rate-limit headers go on every answer that reached step 5: ``x-ratelimit-limit-*`` (the
+Rate-limit headers go on every answer that reached step 6: ``x-ratelimit-limit-*`` (the
 per-minute figure), ``x-ratelimit-remaining-*`` (left in this one-second slice) and
 ``x-ratelimit-reset-*`` (``"350ms"``: until the next slice) for requests and tokens on
 OpenAI paths; ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (reset
@@ -50,7 +54,7 @@ from aiohttp import web
 
 from batcher.simulator import parse, wire
 from batcher.simulator.config import RATE_FIELDS, ScriptItem, SimConfig
-from batcher.simulator.limits import SliceLimiter
+from batcher.simulator.limits import IntervalLimiter, SliceLimiter
 from batcher.simulator.parse import DEFAULT_MODEL, Invalid, Parser, Plan
 from batcher.simulator.stats import Stats
 
@@ -86,6 +90,7 @@ class _State:
         self.latency_rng = random.Random(f"{config.seed}:latency")
         self.rpm = SliceLimiter(config.rpm) if config.rpm is not None else None
         self.tpm = SliceLimiter(config.tpm) if config.tpm is not None else None
+        self.strict = IntervalLimiter(config.strict_rpm) if config.strict_rpm is not None else None
         self.fault_rate = config.fault_rate
         self.thresholds: list[tuple[float, ScriptItem]] = []
         total = 0.0
@@ -212,6 +217,10 @@ async def _answer(request: web.Request, state: _State, dialect: wire.Dialect,
             await asyncio.sleep(state.delay())
         return await _fault(request, state, dialect, item, None, {})
 
+    if state.strict is not None:
+        refused = _enforce_strict(state, dialect, state.strict)
+        if refused is not None:
+            return refused
     if config.require_key is not None and not _has_key(request, config.require_key):
         return state.reply(401, wire.error_body(dialect, 401))
     if config.quota_exhausted:
@@ -371,6 +380,25 @@ def _enforce(state: _State, dialect: wire.Dialect, plan: Plan,
             headers["retry-after-ms"] = str(math.ceil(wait * 1000))
         body = wire.error_body(dialect, 429, message, type_=which if dialect == "openai"
                                else None, code="rate_limit_exceeded")
+    return state.reply(429, body, _JSON, headers)
+
+
+def _enforce_strict(state: _State, dialect: wire.Dialect,
+                    limiter: IntervalLimiter) -> web.Response | None:
+    """Admit the request through the gateway's interval limiter, or answer its 429."""
+    stats = state.stats
+    if limiter.try_take(state.clock()):
+        stats.strict_admitted += 1
+        return None
+    stats.strict_refused += 1
+    retry_after = state.config.strict_retry_after
+    message = ("Too many requests: the gateway admits one request per "
+               f"{_seconds(limiter.interval)} s.")
+    headers: dict[str, str] = {}
+    if retry_after is not None and dialect != "gemini":
+        headers["retry-after"] = _seconds(retry_after)
+    body = wire.error_body(dialect, 429, message, code="rate_limit_exceeded",
+                           retry_delay=retry_after if dialect == "gemini" else None)
     return state.reply(429, body, _JSON, headers)
 
 

@@ -80,6 +80,11 @@ class SimConfig:
     ``answer_tokens`` the typical answer length in tokens (1 token = 4 characters).
     ``omit_stream_usage``: OpenAI-shape streams (chat, completions) never carry a usage chunk,
     even when ``stream_options.include_usage`` asks for one, as some servers and gateways do.
+    ``strict_rpm`` requests per minute admitted as a gateway's nginx ``limit_req`` with no
+    burst does: one per ``60 / strict_rpm`` seconds since the last admitted request (see
+    :class:`batcher.simulator.limits.IntervalLimiter`); refused requests get a 429 that
+    carries a Retry-After of ``strict_retry_after`` seconds only when that is set (nginx
+    sends none).
     ``script`` items (see :func:`parse_script_item`) are consumed one per API request, in
     arrival order, before anything else is decided; after the script, behaviour is normal.
     """
@@ -103,16 +108,22 @@ class SimConfig:
     answer_tokens: int = 16
     retry_after_s: float = 1.0
     omit_stream_usage: bool = False
+    strict_rpm: float | None = None
+    strict_retry_after: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s"):
             _check_number(name, getattr(self, name), low=0.0)
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "strict_rpm"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, low=0.0)
                 if value <= 0:
                     raise ValueError(f"{_flag(name)} must be > 0 (got {value!r})")
+        if self.strict_retry_after is not None:
+            _check_number("strict_retry_after", self.strict_retry_after, low=0.0)
+            if self.strict_rpm is None:
+                raise ValueError("--strict-retry-after needs --strict-rpm")
         for name in RATE_FIELDS:
             _check_number(name, getattr(self, name), low=0.0, high=1.0)
         total = sum(getattr(self, name) for name in RATE_FIELDS)
@@ -168,6 +179,11 @@ SIM_OPTIONS: tuple[SimOption, ...] = (
               "Enforce requests/minute in one-second slices; over the limit answers 429."),
     SimOption("tpm", "--tpm", float,
               "Enforce tokens/minute (prompt + max_tokens) in one-second slices."),
+    SimOption("strict_rpm", "--strict-rpm", float,
+              "Admit one request per 60/N s since the last admitted one, as nginx limit_req "
+              "with no burst; the others answer 429 (no Retry-After unless asked)."),
+    SimOption("strict_retry_after", "--strict-retry-after", float,
+              "Retry-After (seconds) sent with --strict-rpm's 429s (default: none)."),
     SimOption("fail_rate", "--fail-rate", float, "Probability of a 500 (Anthropic path: 529)."),
     SimOption("rate_429", "--rate-429", float, "Probability of a random 429 with Retry-After."),
     SimOption("rate_429_bare", "--rate-429-bare", float,

@@ -1,4 +1,5 @@
-"""Per-second slice enforcement of a per-minute limit, as providers enforce RPM and TPM."""
+"""Per-minute limits as servers enforce them: in per-second slices (providers' RPM and TPM)
+and as a strict minimum interval between admitted requests (gateways' nginx ``limit_req``)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,41 @@ class SliceLimiter:
         need = self._used + min(amount, math.ceil(self._rate)) - self._allowance(k)
         extra = max(0, math.ceil(need / self._rate) - 1) if need > 0 else 0
         return (k + 1 - now) + extra
+
+
+class IntervalLimiter:
+    """At most one request per ``60 / per_minute`` seconds, with no burst.
+
+    A request is admitted only if at least one interval has passed since the last *admitted*
+    request; a refused request does not move the clock. This is nginx ``limit_req`` with no
+    ``burst`` (``rate=20r/s`` admits one request per 50 ms, and a client that sends two at once
+    gets one 429 however low its average rate is). The first request is always admitted.
+    """
+
+    __slots__ = ("_interval", "_last", "_per_minute")
+
+    def __init__(self, per_minute: float) -> None:
+        if per_minute <= 0:
+            raise ValueError("per_minute must be > 0")
+        self._per_minute = per_minute
+        self._interval = 60.0 / per_minute
+        self._last: float | None = None
+
+    @property
+    def interval(self) -> float:
+        """Seconds that must pass between two admitted requests."""
+        return self._interval
+
+    def try_take(self, now: float) -> bool:
+        """Admit a request at clock time ``now`` (seconds) if the interval has passed."""
+        # The small epsilon keeps exact gaps (100.05 - 100.0 in floating point) from falling short.
+        if self._last is not None and now - self._last < self._interval - 1e-9:
+            return False
+        self._last = now
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until a request would be admitted (0 when it would be now)."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self._interval - now)

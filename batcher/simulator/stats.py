@@ -20,6 +20,8 @@ class Stats:
       ``requests`` counting ok answers.
     - ``faults``: injected faults by kind (``500``, ``429``, ``drop``, ``hang``, …), random
       or scripted; ``rate_limited`` the 429s from rpm/tpm enforcement.
+    - ``strict_admitted`` / ``strict_refused``: requests the ``strict_rpm`` interval limiter
+      let through / answered 429 (those 429s are not in ``rate_limited``).
     - ``resent_after_ok``: requests whose raw body (sha1) had already got an ok answer —
       i.e. work the client paid for twice.
     - ``in_flight`` / ``max_in_flight``: requests being handled now / at most at once.
@@ -34,6 +36,8 @@ class Stats:
     by_path: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     rate_limited: int = 0
+    strict_admitted: int = 0
+    strict_refused: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usage_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -65,6 +69,8 @@ class Stats:
             "by_path": dict(self.by_path),
             "faults": dict(self.faults),
             "rate_limited": self.rate_limited,
+            "strict_admitted": self.strict_admitted,
+            "strict_refused": self.strict_refused,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "usage_by_model": {m: dict(u) for m, u in list(self.usage_by_model.items())},
