@@ -282,3 +282,28 @@ def test_a_client_error_of_one_row_is_still_written_when_others_succeed(
     rows = _rows(out)
     assert rows["r3"]["status"] == "error" and rows["r3"]["http_status"] == 400
     assert sum(r["status"] == "ok" for r in rows.values()) == 9
+
+
+# --- the simulator's strict limiter (nginx limit_req without burst) ------------------------
+
+
+def test_rpm_below_a_strict_limiter_gets_no_429(tmp_path: Path, make_sim: MakeSim) -> None:
+    sim = make_sim(strict_rpm=600)                      # one request per 100 ms, no burst
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(30))
+    out = tmp_path / "out.parquet"
+    result = _run(sim.base_url, src, out, "--rpm", "500", "--concurrency", "16")
+    assert result.exit_code == 0, result.stderr
+    assert sim.stats.strict_refused == 0 and sim.stats.strict_admitted == 30
+
+
+def test_without_rpm_a_strict_limiter_with_retry_after_storms_is_found_and_every_row_ok(
+        tmp_path: Path, make_sim: MakeSim) -> None:
+    sim = make_sim(strict_rpm=600, strict_retry_after=0.5)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(60))
+    out = tmp_path / "out.parquet"
+    result = _run(sim.base_url, src, out, "--concurrency", "32", "--max-attempts", "2")
+    assert result.exit_code == 0, result.stderr          # 429s burnt no row
+    rows = _rows(out)
+    assert len(rows) == 60 and all(r["status"] == "ok" for r in rows.values())
+    # The first burst is refused, then the rate is found: far fewer 429s than answers.
+    assert sim.stats.strict_refused < 32 + 60, sim.stats.strict_refused
