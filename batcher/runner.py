@@ -769,6 +769,8 @@ class Runner:
             return _Failed(exc, attempts, *_timing(started, wire), response)
         except ProviderError as exc:
             return _Failed(exc, attempts, *_timing(started, wire), response)
+        finally:
+            self._sending.discard(task)
         # No await from here to delivery: a stop cannot lose an answer that was paid for.
         assert response is not None  # the successful attempt set it
         return _Sent(response, answer, attempts, *_timing(started, wire))
@@ -778,10 +780,11 @@ class Runner:
                        wire: list[float]) -> tuple[HttpResponse, Answer]:
         """One send and parse; feeds the throttle; raises the typed error of a failure.
 
-        Only while its request is on the wire is the task in ``_sending`` (what a stop
-        grants ``grace`` to): a worker waiting for a place, a cooldown or the pacer is
-        cancelled at once. Between the pacer's release and the send nothing is awaited, so
-        sends keep the pacer's spacing. ``wire`` gets the send's duration (ms)."""
+        The task is in ``_sending`` (what a stop grants ``grace`` to) from its send until
+        its answer is delivered; not while it waits for a place, a cooldown, the pacer or a
+        retry, so a stop cancels such waiters at once. Between the pacer's release and the
+        send nothing is awaited, so sends keep the pacer's spacing. ``wire`` gets the send's
+        duration (ms)."""
         throttle = self._throttle
         assert throttle is not None
         progress = self.progress
@@ -790,42 +793,27 @@ class Runner:
             if self.stop_reason is not None:
                 raise _StopRequested
             self._sending.add(task)
-            if not self._price_warmed and self.config.model:
-                # Loading the price table takes ~0.2 s: do it in a thread while the first
-                # request is on the wire, not on the loop at the first answer (and not while
-                # a resume is still skipping done rows).
-                self._price_warmed = True
-                asyncio.get_running_loop().run_in_executor(None, genai_price, self.config.model)
-            progress.in_flight += 1
-            sent_at = time.perf_counter()
             try:
-                response = await transport.send(request)
-            except Retryable:
-                self._check_server_down()
-                raise
-            finally:
-                wire.append(_ms_since(sent_at))
-                progress.in_flight -= 1
+                if not self._price_warmed and self.config.model:
+                    # Loading the price table takes ~0.2 s: do it in a thread while the
+                    # first request is on the wire, not on the loop at the first answer (and
+                    # not while a resume is still skipping done rows).
+                    self._price_warmed = True
+                    asyncio.get_running_loop().run_in_executor(None, genai_price,
+                                                               self.config.model)
+                progress.in_flight += 1
+                sent_at = time.perf_counter()
+                try:
+                    response = await transport.send(request)
+                except Retryable:
+                    self._check_server_down()
+                    raise
+                finally:
+                    wire.append(_ms_since(sent_at))
+                    progress.in_flight -= 1
+                answer = self._parse(row, provider, request, response, throttle)
+            except BaseException:
                 self._sending.discard(task)
-            try:
-                answer = provider.parse_response(request, response)
-            except RateLimited as exc:
-                progress.rate_limited += 1
-                wait = throttle.on_rate_limited(exc.retry_after)
-                self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
-                self._on_rate_limited(throttle)
-                raise
-            except StreamCut:
-                lowered = throttle.on_stream_cut()
-                if lowered is not None:
-                    self._log.warning("streams_cut", concurrency=lowered,
-                                      note="streams are cut while others start (a server "
-                                           "that interrupts a stream for a new request): "
-                                           "fewer requests in flight")
-                self._check_server_down()
-                raise
-            except Retryable:
-                self._check_server_down()
                 raise
         self._last_success = asyncio.get_running_loop().time()
         self._successes += 1
@@ -835,6 +823,31 @@ class Runner:
         throttle.settle_tokens(tokens, answer.usage.total_tokens,
                                explicit_max=request.max_tokens is not None)
         return response, answer
+
+    def _parse(self, row: RequestRow, provider: Provider, request: HttpRequest,
+               response: HttpResponse, throttle: Throttle) -> Answer:
+        """The answer in ``response``, or its typed error after feeding it to the throttle
+        (a 429's cooldown, a cut stream's lower concurrency) and the server-down watch."""
+        try:
+            return provider.parse_response(request, response)
+        except RateLimited as exc:
+            self.progress.rate_limited += 1
+            wait = throttle.on_rate_limited(exc.retry_after)
+            self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
+            self._on_rate_limited(throttle)
+            raise
+        except StreamCut:
+            lowered = throttle.on_stream_cut()
+            if lowered is not None:
+                self._log.warning("streams_cut", concurrency=lowered,
+                                  note="streams are cut while others start (a server that "
+                                       "interrupts a stream for a new request): fewer "
+                                       "requests in flight")
+            self._check_server_down()
+            raise
+        except Retryable:
+            self._check_server_down()
+            raise
 
     def _on_rate_limited(self, throttle: Throttle) -> None:
         """A 429 is the server answering: it is not down. Say so when nothing but 429s has
