@@ -63,6 +63,8 @@ DEFAULT_SEED = 0
 SAMPLE_MAX_ATTEMPTS = 3
 """Sends per sampled row at most (fewer if the job's ``max_attempts`` is lower): a sample
 should answer in seconds, not wait out a long backoff."""
+SAMPLE_MAX_RATE_LIMIT_WAIT = 60.0
+"""Seconds of 429s after which a sampled row is given up (a sample should not wait an hour)."""
 
 CONFIDENCE = 0.90
 """The two-sided level of the reported ranges."""
@@ -234,10 +236,11 @@ async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOu
         tokens = (request_input_tokens(row, ctx, config.endpoint)
                   + request_max_output_tokens(row, ctx, config.endpoint)
                   if config.tpm is not None else 0)
-        async for attempt in retrying(attempts):
+        async for attempt in retrying(attempts, max_rate_limit_wait=min(
+                SAMPLE_MAX_RATE_LIMIT_WAIT, config.max_rate_limit_wait)):
             with attempt:
-                await throttle.acquire(tokens)
                 async with throttle.slot():
+                    await throttle.acquire(tokens)
                     started = time.perf_counter()
                     response = await transport.send(request)
                     latency = time.perf_counter() - started
