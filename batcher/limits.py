@@ -88,9 +88,12 @@ DISCOVER_DECREASE = 0.7
 (once per cooldown). 429s with no success between leave it: the server is refusing for a
 while (the doubling cooldown spaces those), and a rate cut to a crawl would take long to
 climb back, with every waiter's slot already reserved at the crawl."""
-DISCOVER_PROBE = 0.05
-"""Each success raises a discovered rate by 5% divided by the successes it expects in ten
-seconds (at least one): about 5% a second at fast rates, 5% a success at slow ones."""
+DISCOVER_PROBE = 0.02
+"""Each success raises a discovered rate by 2% divided by the successes it expects in a
+second (at least one): about 2% a second at fast rates, 2% a success at slow ones..."""
+DISCOVER_PROBE_FAST = 0.2
+"""...and by 20% a second until the first cut: the first guess (a fraction of what was sent in
+the second before a 429) may be far below the limit."""
 DISCOVER_MIN_PER_SECOND = 1.0 / 60.0
 STREAM_PROBE = 50
 """Successes without a cut stream after which the concurrency lowered by cuts grows by one."""
@@ -106,8 +109,9 @@ class Throttle:
       that every worker waits out before its next send, instead of each worker hammering;
       the pacers' schedules restart behind it, so it ends in evenly spaced sends, not a crowd.
     - ``x-ratelimit-remaining-*`` at zero cools down until one unit refills.
-    - With no rpm/tpm given, the send rate is discovered AIMD-style: unpaced until the first
-      429, then paced at the rate seen in the last second × :data:`DISCOVER_DECREASE`, cut
+    - With no rpm/tpm given, the send rate is discovered AIMD-style: unpaced until a second
+      429 (the first may answer a start-up burst), then paced at the rate seen in the last
+      second × :data:`DISCOVER_DECREASE`, cut
       again on each further 429 and probed upward slowly on successes; concurrency adapts
       too (halved on a 429, grown by one per window of successes, up to ``concurrency``).
     - Streams cut while others run (a server that interrupts a stream when a new request
@@ -120,6 +124,8 @@ class Throttle:
         self._cooldown_until = 0.0
         self._consecutive_429 = 0
         self._ok_since_429 = True
+        self._burst_forgiven = False
+        self._probe_fast = True
         self.adaptive = rpm is None and tpm is None
         self.max_concurrency = concurrency
         self.window = float(concurrency)
@@ -225,7 +231,8 @@ class Throttle:
             # Probe upward only while the pacer is what holds the sends back.
             if pacer is not None and len(self._recent_sends) >= 0.9 * pacer.per_second:
                 rate = pacer.per_second
-                pacer.set_rate(rate * (1.0 + DISCOVER_PROBE / max(1.0, rate * 10.0)))
+                step = DISCOVER_PROBE_FAST if self._probe_fast else DISCOVER_PROBE
+                pacer.set_rate(rate * (1.0 + step / max(1.0, rate)))
         if self.stream_cap < self.max_concurrency:
             self._ok_since_cut += 1
             if self._ok_since_cut >= STREAM_PROBE:
@@ -275,6 +282,12 @@ class Throttle:
         if self._rpm is not None:
             self._rpm.set_rate(max(DISCOVER_MIN_PER_SECOND,
                                    self._rpm.per_second * DISCOVER_DECREASE))
+            self._probe_fast = False
+            return
+        if not self._burst_forgiven:
+            # The first 429 may answer a start-up burst (every worker at once), not a rate:
+            # the halved window and the cooldown answer that. A second one is a rate.
+            self._burst_forgiven = True
             return
         seen = len(self._recent_sends)        # sends in the last second
         if seen >= 2:
