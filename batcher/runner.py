@@ -37,11 +37,8 @@ from batcher.errors import (
     JobFatal,
     ProviderError,
     QuotaExhausted,
-    RateLimited,
-    Retryable,
     ServerDown,
     ServerRefuses,
-    StreamCut,
     TransportError,
 )
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
@@ -60,8 +57,8 @@ from batcher.pricing import (
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
-from batcher.retry import retrying
 from batcher.secrets import check_key, redactor, resolve_headers
+from batcher.sender import Failed, Sender, Sent
 from batcher.spend import Spend
 from batcher.tokens import (
     APPROX_FACTOR,
@@ -86,10 +83,6 @@ SAME_ERROR_ABORT = 20
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
-
-
-class _StopRequested(Exception):
-    """Raised inside a row's retry loop once the job is stopping: the row is left for resume."""
 
 
 @dataclass
@@ -193,23 +186,18 @@ class Runner:
         self._pending: list[ResultRow] = []
         self._pending_event = asyncio.Event()
         self._workers_done = False
-        self._sending: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None
         self._errors_by_type: Counter[str] = Counter()
-        self._last_success = 0.0
-        self._last_answer = 0.0
-        """When the server last answered 429 (a refusal proves it is up)."""
-        self._warned_only_429 = 0.0
-        self._successes = 0
         self._held: list[ResultRow] = []
-        self._refused: list[ResultRow] = []
-        self._streak_key: tuple[int | None, str] | None = None
-        self._streak_mark = 0
         """Rows that failed to reach the server: written once a later request succeeds (the
         failure was theirs), left pending if the job aborts first (the server was down)."""
+        self._refused: list[ResultRow] = []
+        """Rows refused with the same client error, no success between (see _refused_streak)."""
+        self._streak_key: tuple[int | None, str] | None = None
+        self._streak_mark = 0
+        self._sender: Sender | None = None
         self._price_cache: dict[str | None, Price | None] = {}
-        self._price_warmed = False
         self._budget = Budget(config.max_cost)
         # With a cache, embeddings go one row per request: a group's key would depend on
         # which rows happened to be queued together, and almost never hit again.
@@ -218,7 +206,6 @@ class Runner:
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
         self._context_warned: set[str] = set()
-        self._throttle: Throttle | None = None
         self._ctx = request_context(config)
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
         """The text with the API key and secret header values masked."""
@@ -231,19 +218,19 @@ class Runner:
         if self.stop_reason is not None:
             if reason in ("sigint", "sigterm"):
                 self._log.warning("stopping_now", reason=reason)
-                for task in list(self._sending):
-                    task.cancel()
+                self._abandon_in_flight()
             return
         self.stop_reason = reason
         self._stop_event.set()
         if reason in ("sigint", "sigterm"):
             self._log.warning("stopping", reason=reason, grace_s=self.config.grace,
-                              in_flight=len(self._sending))
+                              in_flight=len(self._sending()))
         if self._reader is not None:
             self._reader.cancel()
         # Workers not holding a sent request may go now; those that are get `grace` seconds.
+        sending = self._sending()
         for task in self._workers:
-            if task not in self._sending:
+            if task not in sending:
                 task.cancel()
         loop = asyncio.get_running_loop()
         loop.call_later(self.config.grace, self._abandon_in_flight)
@@ -419,15 +406,21 @@ class Runner:
     async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        self._throttle = Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=config.concurrency)
-        loop = asyncio.get_running_loop()
-        self._last_success = loop.time()
         async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
+            self._sender = Sender(
+                throttle=Throttle(rpm=config.rpm, tpm=config.tpm,
+                                  concurrency=config.concurrency),
+                transport=transport, max_attempts=config.max_attempts,
+                max_rate_limit_wait=config.max_rate_limit_wait,
+                server_down_after=config.server_down_after, base_url=config.base_url,
+                log=self._log, abort=self._abort, stop=self._stop_event,
+                counters=self.progress, on_first_send=self._warm_price,
+                on_success=self._on_success)
             try:
                 async with asyncio.TaskGroup() as group:
                     writer = group.create_task(self._write(store))
                     self._reader = group.create_task(self._read(rows, options, skip))
-                    self._workers = [group.create_task(self._work(rows, transport))
+                    self._workers = [group.create_task(self._work(rows))
                                      for _ in range(config.concurrency)]
                     await asyncio.gather(*self._workers, return_exceptions=True)
                     if self.stop_reason is None:
@@ -475,16 +468,16 @@ class Runner:
         elif self.progress.bad_rows == MAX_PROBLEMS_LOGGED + 1:
             self._log.warning("bad_rows_continue", note="further bad rows are only counted")
 
-    async def _work(self, rows: asyncio.Queue[RequestRow | None], transport: Transport) -> None:
+    async def _work(self, rows: asyncio.Queue[RequestRow | None]) -> None:
         while self.stop_reason is None:
             row = await rows.get()
             if row is None or self.stop_reason is not None:
                 return
             group, rest, last = self._gather(row, rows)
-            for result in await self._process(group, transport):
+            for result in await self._process(group):
                 self._deliver(result)
             if rest is not None and self.stop_reason is None:
-                for result in await self._process([rest], transport):
+                for result in await self._process([rest]):
                     self._deliver(result)
             if last:
                 return
@@ -538,8 +531,12 @@ class Runner:
             if self._workers_done and not self._pending:
                 return
 
+    def _sending(self) -> set[asyncio.Task[object]]:
+        """The workers with a request on the wire or an answer not yet handed over."""
+        return self._sender.sending if self._sender is not None else set()
+
     def _abandon_in_flight(self) -> None:
-        for task in list(self._sending):
+        for task in list(self._sending()):
             task.cancel()
 
     # --- one row --------------------------------------------------------------------------
@@ -551,7 +548,7 @@ class Runner:
                                                  price_output=c.price_output, table=c.prices)
         return self._price_cache[model]
 
-    async def _process(self, rows: list[RequestRow], transport: Transport) -> list[ResultRow]:
+    async def _process(self, rows: list[RequestRow]) -> list[ResultRow]:
         """The result rows for one request (one input row, or several for embeddings).
         Rows that were not finished (stop, abort, budget) get no result: not written, a
         resume sends them."""
@@ -596,18 +593,18 @@ class Runner:
                 return []
         results: list[ResultRow] = []
         try:
-            outcome = await self._send_with_retries(row, provider, request, transport,
-                                                    input_tokens + max_output)
-            if isinstance(outcome, _Sent):
+            assert self._sender is not None
+            outcome = await self._sender.send(row, provider, request, input_tokens + max_output)
+            if isinstance(outcome, Sent):
                 results = self._ok_rows(rows, request, outcome)
                 if key is not None:
                     self._remember(key, outcome, results)
-            elif isinstance(outcome, _Failed) and isinstance(outcome.error, TransportError):
+            elif isinstance(outcome, Failed) and isinstance(outcome.error, TransportError):
                 self._hold([self._error_row(r, outcome.error.message, outcome.error.kind,
                                             attempts=outcome.attempts, status=None,
                                             latency_ms=outcome.latency_ms,
                                             wait_ms=outcome.wait_ms) for r in rows])
-            elif isinstance(outcome, _Failed):
+            elif isinstance(outcome, Failed):
                 results = [self._error_row(r, outcome.error.message, outcome.error.kind,
                                            attempts=outcome.attempts,
                                            status=outcome.error.status,
@@ -650,14 +647,14 @@ class Runner:
         except ProviderError:
             self._cache.forget(key)
             return None
-        results = self._ok_rows(rows, request, _Sent(response, answer, 0, _ms_since(started),
+        results = self._ok_rows(rows, request, Sent(response, answer, 0, _ms_since(started),
                                                         None))
         for r in results:
             r.cost_usd_original, r.cost_usd, r.cached = r.cost_usd, 0.0, True
         self.progress.cache_hits += 1
         return results
 
-    def _remember(self, key: str, sent: _Sent, results: list[ResultRow]) -> None:
+    def _remember(self, key: str, sent: Sent, results: list[ResultRow]) -> None:
         """Store an answer unless it is an error or was cut (``length``, filters)."""
         assert self._cache is not None
         if all(r.status == "ok" and r.finish_reason in CACHEABLE_FINISH for r in results):
@@ -670,7 +667,7 @@ class Runner:
         rows stay pending for the rerun."""
         if self.stop_reason is not None:
             return
-        if self._successes == 0:
+        if self._successes() == 0:
             reason = results[0].error if results else "no answer"
             self._abort(ServerDown(
                 f"the server looks down: cannot reach {self.config.base_url}; every request so far "
@@ -678,6 +675,19 @@ class Runner:
                 "the same command to resume"))
             return
         self._held.extend(results)
+
+    def _successes(self) -> int:
+        return self._sender.successes if self._sender is not None else 0
+
+    def _on_success(self) -> None:
+        if self._held or self._refused:
+            self._release_held()
+
+    def _warm_price(self) -> None:
+        """Load the price table in a thread while the first request is on the wire (~0.2 s),
+        not on the loop at the first answer (nor while a resume still skips done rows)."""
+        if self.config.model:
+            asyncio.get_running_loop().run_in_executor(None, genai_price, self.config.model)
 
     def _release_held(self) -> None:
         for result in self._held:
@@ -694,9 +704,9 @@ class Runner:
         if self.stop_reason is not None:
             return
         key = (error.status, error.message)
-        if key != self._streak_key or self._successes != self._streak_mark:
+        if key != self._streak_key or self._successes() != self._streak_mark:
             self._release_refused()
-            self._streak_key, self._streak_mark = key, self._successes
+            self._streak_key, self._streak_mark = key, self._successes()
         self._refused.extend(results)
         if len(self._refused) >= SAME_ERROR_ABORT:
             self._abort(ServerRefuses(
@@ -717,171 +727,6 @@ class Runner:
             return reserved
         return sum(r.cost_usd or 0.0 for r in results)
 
-    async def _send_with_retries(self, row: RequestRow, provider: Provider,
-                                 request: HttpRequest, transport: Transport,
-                                 tokens: int) -> _Sent | _Failed | None:
-        """Send until answered, a non-retryable error, ``max_attempts`` failed sends (a
-        rate-limit 429 is not one) or ``max_rate_limit_wait`` seconds of 429s.
-
-        The first attempt runs outside tenacity (the common case, and tenacity's
-        bookkeeping costs about as much as our own per-row work); only after a retryable
-        error does the policy take over, its first "attempt" replaying that error so that
-        waits and attempt counts are tenacity's. ``latency_ms`` of the result is the last
-        attempt's time on the wire; ``wait_ms`` everything before it."""
-        started = time.perf_counter()
-        task = asyncio.current_task()
-        assert task is not None
-        config = self.config
-        attempts = 0
-        response: HttpResponse | None = None
-        first_error: Retryable | None = None
-        wire: list[float] = []
-        try:
-            try:
-                attempts = 1
-                response, answer = await self._attempt(row, provider, request, transport,
-                                                       tokens, task, wire)
-            except Retryable as exc:
-                if config.max_attempts == 1 and not isinstance(exc, RateLimited):
-                    raise
-                first_error = exc
-            if first_error is not None:
-                async for attempt in retrying(config.max_attempts, sleep=self._sleep,
-                                              max_rate_limit_wait=config.max_rate_limit_wait):
-                    with attempt:
-                        if first_error is not None:
-                            replay, first_error = first_error, None
-                            raise replay
-                        if self.stop_reason is not None:
-                            raise _StopRequested
-                        attempts += 1
-                        self.progress.retries += 1
-                        response, answer = await self._attempt(row, provider, request,
-                                                               transport, tokens, task, wire)
-        except JobFatal as exc:
-            self._abort(exc)
-            return None
-        except _StopRequested:
-            return None
-        except RateLimited as exc:
-            exc.message = (f"still rate limited after {config.max_rate_limit_wait:g} s of 429s "
-                           f"(--max-rate-limit-wait): {exc.message}")
-            return _Failed(exc, attempts, *_timing(started, wire), response)
-        except ProviderError as exc:
-            return _Failed(exc, attempts, *_timing(started, wire), response)
-        finally:
-            self._sending.discard(task)
-        # No await from here to delivery: a stop cannot lose an answer that was paid for.
-        assert response is not None  # the successful attempt set it
-        return _Sent(response, answer, attempts, *_timing(started, wire))
-
-    async def _attempt(self, row: RequestRow, provider: Provider, request: HttpRequest,
-                       transport: Transport, tokens: int, task: asyncio.Task[None],
-                       wire: list[float]) -> tuple[HttpResponse, Answer]:
-        """One send and parse; feeds the throttle; raises the typed error of a failure.
-
-        The task is in ``_sending`` (what a stop grants ``grace`` to) from its send until
-        its answer is delivered; not while it waits for a place, a cooldown, the pacer or a
-        retry, so a stop cancels such waiters at once. Between the pacer's release and the
-        send nothing is awaited, so sends keep the pacer's spacing. ``wire`` gets the send's
-        duration (ms)."""
-        throttle = self._throttle
-        assert throttle is not None
-        progress = self.progress
-        async with throttle.slot():
-            await throttle.acquire(tokens)
-            if self.stop_reason is not None:
-                raise _StopRequested
-            self._sending.add(task)
-            try:
-                if not self._price_warmed and self.config.model:
-                    # Loading the price table takes ~0.2 s: do it in a thread while the
-                    # first request is on the wire, not on the loop at the first answer (and
-                    # not while a resume is still skipping done rows).
-                    self._price_warmed = True
-                    asyncio.get_running_loop().run_in_executor(None, genai_price,
-                                                               self.config.model)
-                progress.in_flight += 1
-                sent_at = time.perf_counter()
-                try:
-                    response = await transport.send(request)
-                except Retryable:
-                    self._check_server_down()
-                    raise
-                finally:
-                    wire.append(_ms_since(sent_at))
-                    progress.in_flight -= 1
-                answer = self._parse(row, provider, request, response, throttle)
-            except BaseException:
-                self._sending.discard(task)
-                raise
-        self._last_success = asyncio.get_running_loop().time()
-        self._successes += 1
-        if self._held or self._refused:
-            self._release_held()
-        throttle.on_success(response.headers)
-        throttle.settle_tokens(tokens, answer.usage.total_tokens,
-                               explicit_max=request.max_tokens is not None)
-        return response, answer
-
-    def _parse(self, row: RequestRow, provider: Provider, request: HttpRequest,
-               response: HttpResponse, throttle: Throttle) -> Answer:
-        """The answer in ``response``, or its typed error after feeding it to the throttle
-        (a 429's cooldown, a cut stream's lower concurrency) and the server-down watch."""
-        try:
-            return provider.parse_response(request, response)
-        except RateLimited as exc:
-            self.progress.rate_limited += 1
-            wait = throttle.on_rate_limited(exc.retry_after)
-            self._log.debug("rate_limited", id=row.id, cooldown_s=round(wait, 3))
-            self._on_rate_limited(throttle)
-            raise
-        except StreamCut:
-            lowered = throttle.on_stream_cut()
-            if lowered is not None:
-                self._log.warning("streams_cut", concurrency=lowered,
-                                  note="streams are cut while others start (a server that "
-                                       "interrupts a stream for a new request): fewer "
-                                       "requests in flight")
-            self._check_server_down()
-            raise
-        except Retryable:
-            self._check_server_down()
-            raise
-
-    def _on_rate_limited(self, throttle: Throttle) -> None:
-        """A 429 is the server answering: it is not down. Say so when nothing but 429s has
-        come back for the server-down time, once per such stretch."""
-        now = asyncio.get_running_loop().time()
-        self._last_answer = now
-        quiet = now - max(self._last_success, self._warned_only_429)
-        if quiet > self.config.server_down_after:
-            self._warned_only_429 = now
-            pacing = f"; pacing at {throttle.rpm:.1f}/min" if throttle.rpm else ""
-            self._log.warning(
-                "only_rate_limited", seconds=round(now - self._last_success),
-                note=f"every answer for {now - self._last_success:.0f} s was 429 (rate limited)"
-                     f"{pacing}: the limit is lower than the requests sent; batcher keeps "
-                     f"waiting, and a row gives up after --max-rate-limit-wait "
-                     f"{self.config.max_rate_limit_wait:g} s")
-
-    async def _sleep(self, seconds: float) -> None:
-        """Backoff sleep that ends early (and gives the row up) when the job stops."""
-        try:
-            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise _StopRequested
-
-    def _check_server_down(self) -> None:
-        """No success (and no 429: a server that refuses is up) for ``server_down_after``
-        seconds while requests fail to connect or get 5xx: abort, exit 3."""
-        quiet = asyncio.get_running_loop().time() - max(self._last_success, self._last_answer)
-        if quiet > self.config.server_down_after:
-            self._abort(ServerDown(
-                f"the server looks down: no request has succeeded for {quiet:.0f} s "
-                f"(limit {self.config.server_down_after:g} s). Rerun the same command to resume"))
-
     def _abort(self, exc: Aborted | JobFatal) -> None:
         if isinstance(exc, ProviderError):
             message = self._redact(exc.message)
@@ -901,7 +746,7 @@ class Runner:
     # --- result rows ----------------------------------------------------------------------
 
     def _ok_rows(self, rows: list[RequestRow], request: HttpRequest,
-                 sent: _Sent) -> list[ResultRow]:
+                 sent: Sent) -> list[ResultRow]:
         if len(rows) == 1:
             return [self._ok_row(rows[0], request, sent, sent.answer)]
         vectors = sent.answer.embeddings or []
@@ -919,7 +764,7 @@ class Runner:
             for r, vector, share in zip(rows, vectors, shares, strict=True)
         ]
 
-    def _ok_row(self, row: RequestRow, request: HttpRequest, sent: _Sent,
+    def _ok_row(self, row: RequestRow, request: HttpRequest, sent: Sent,
                 answer: Answer) -> ResultRow:
         """The output row of ``answer`` (the whole answer, or one input's share of it)."""
         response, usage = sent.response, answer.usage
@@ -1009,24 +854,6 @@ def write_summary(path: Path, summary: RunSummary) -> None:
         get_logger().warning("summary_not_written", path=str(path), reason=str(exc))
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    response: HttpResponse
-    answer: Answer
-    attempts: int
-    latency_ms: float | None
-    wait_ms: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    error: ProviderError
-    attempts: int
-    latency_ms: float | None
-    wait_ms: float | None
-    response: HttpResponse | None
-
-
 def _split(total: int | None, parts: int) -> list[int | None]:
     """``total`` shared out as evenly as whole numbers allow (None stays None)."""
     if total is None:
@@ -1054,15 +881,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return found
-
-
-def _timing(started: float, wire: list[float]) -> tuple[float | None, float | None]:
-    """(latency_ms, wait_ms) of a row: its last send's time on the wire, and the rest of
-    the time since ``started`` (None, None when nothing was sent)."""
-    if not wire:
-        return None, None
-    latency = wire[-1]
-    return latency, round(max(0.0, _ms_since(started) - latency), 3)
 
 
 def _ms_since(started: float) -> float:

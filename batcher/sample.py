@@ -37,21 +37,21 @@ import asyncio
 import math
 import random
 import statistics
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from batcher.config import RunConfig
-from batcher.errors import ConfigError, InputError, JobFatal, ProviderError, RateLimited
+from batcher.errors import Aborted, ConfigError, InputError, JobFatal, ProviderError
 from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import ReaderOptions, iter_batches
 from batcher.limits import Throttle
+from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.pricing import Price, cost_usd, price_for
 from batcher.providers import provider_for_row
-from batcher.retry import retrying
 from batcher.secrets import redactor
+from batcher.sender import Failed, Sender, Sent
 from batcher.tokens import request_input_tokens, request_max_output_tokens
 from batcher.types import Answer, HttpRequest, RequestContext, RequestRow
 
@@ -225,54 +225,48 @@ async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOu
     if not rows:
         return outcome
     workers = min(len(rows), config.concurrency)
-    attempts = min(SAMPLE_MAX_ATTEMPTS, config.max_attempts)
-    throttle = Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=workers)
     pending = list(reversed(rows))
     fatal: list[JobFatal] = []
+    stop = asyncio.Event()
 
-    async def one(row: RequestRow, transport: Transport) -> Measured:
+    def abort(exc: Aborted | JobFatal) -> None:
+        if isinstance(exc, JobFatal):
+            fatal.append(type(exc)(redact(exc.message), exc.status))
+        stop.set()
+
+    async def one(row: RequestRow, sender: Sender) -> None:
         provider = provider_for_row(row, config.endpoint)
         request = provider.build_request(row, ctx)
         tokens = (request_input_tokens(row, ctx, config.endpoint)
                   + request_max_output_tokens(row, ctx, config.endpoint)
                   if config.tpm is not None else 0)
-        async for attempt in retrying(attempts, max_rate_limit_wait=min(
-                SAMPLE_MAX_RATE_LIMIT_WAIT, config.max_rate_limit_wait)):
-            with attempt:
-                async with throttle.slot():
-                    await throttle.acquire(tokens)
-                    started = time.perf_counter()
-                    response = await transport.send(request)
-                    latency = time.perf_counter() - started
-                try:
-                    answer = provider.parse_response(request, response)
-                except RateLimited as exc:
-                    throttle.on_rate_limited(exc.retry_after)
-                    raise
-                throttle.on_success(response.headers)
-                throttle.settle_tokens(tokens, answer.usage.total_tokens,
-                                       explicit_max=request.max_tokens is not None)
-                return _measure(config, row, ctx, request, answer, latency)
-        raise AssertionError("unreachable: retrying() re-raises the last error")
+        sent = await sender.send(row, provider, request, tokens)
+        if isinstance(sent, Sent):
+            outcome.answers.append(_measure(config, row, ctx, request, sent.answer,
+                                            (sent.latency_ms or 0.0) / 1000.0))
+        elif isinstance(sent, Failed):
+            # Servers quote keys back in errors: masked as `run` masks them.
+            error = sent.error
+            outcome.failures.append((row.id, type(error)(redact(error.message), error.status)))
 
-    async def work(transport: Transport) -> None:
-        while pending and not fatal:
+    async def work(sender: Sender) -> None:
+        while pending and not stop.is_set():
             row = pending.pop()
             outcome.sent += 1
             try:
-                outcome.answers.append(await one(row, transport))
-            except JobFatal as exc:
-                fatal.append(type(exc)(redact(exc.message), exc.status))
-            except ProviderError as exc:
-                # Servers quote keys back in errors: masked as `run` masks them.
-                outcome.failures.append((row.id, type(exc)(redact(exc.message), exc.status)))
+                await one(row, sender)
             except InputError as exc:
                 outcome.failures.append((row.id, exc))
 
-    async with Transport(concurrency=workers, timeout=config.timeout) as transport, \
-            asyncio.TaskGroup() as group:
-        for _ in range(workers):
-            group.create_task(work(transport))
+    async with Transport(concurrency=workers, timeout=config.timeout) as transport:
+        sender = Sender(
+            throttle=Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=workers),
+            transport=transport, max_attempts=min(SAMPLE_MAX_ATTEMPTS, config.max_attempts),
+            max_rate_limit_wait=min(SAMPLE_MAX_RATE_LIMIT_WAIT, config.max_rate_limit_wait),
+            base_url=config.base_url, log=get_logger(), abort=abort, stop=stop)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(work(sender))
     if fatal:
         raise fatal[0]
     return outcome
