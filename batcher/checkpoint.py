@@ -86,6 +86,7 @@ from batcher.io.writer import (
     write_final,
     write_part,
 )
+from batcher.results import now_iso
 from batcher.spend import Spend
 from batcher.types import JSON, ResultRow
 
@@ -113,10 +114,6 @@ RESERVED_META_KEYS = frozenset({
 def state_dir_for(output: Path) -> Path:
     """``results.parquet`` → ``results.parquet.state`` (same rule as ``RunConfig.state_dir``)."""
     return output.with_name(output.name + ".state")
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --- input fingerprint --------------------------------------------------------------------
@@ -587,7 +584,7 @@ def _take_lock(state: Path, output: Path, run_id: str) -> int:
                                "for that run to finish or stop it first") from None
             # `status` holds a shared lock for an instant; don't mistake it for a live run.
             time.sleep(0.05)
-    holder_info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now_iso(),
+    holder_info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(),
                    "run_id": run_id}
     os.ftruncate(fd, 0)
     os.pwrite(fd, orjson.dumps(holder_info), 0)
@@ -701,7 +698,7 @@ class StateStore:
                     raise StateMismatch(
                         f"{state} holds results but no meta.json (an interrupted --restart?); "
                         "pass --restart to start over or --force-resume to keep the results")
-                meta = {"version": META_VERSION, "fingerprint": new_fp, "created_at": _now_iso()}
+                meta = {"version": META_VERSION, "fingerprint": new_fp, "created_at": now_iso()}
             old_fp = meta.get("fingerprint")
             old_fp = old_fp if isinstance(old_fp, dict) else {}
             diff = fingerprint_diff(old_fp, new_fp)
@@ -712,7 +709,7 @@ class StateStore:
                         "--restart to start over (deletes the state and the old output) or "
                         "--force-resume to keep its results and continue with the new settings")
                 meta["fingerprint"] = new_fp
-                meta["force_resumed_at"] = _now_iso()
+                meta["force_resumed_at"] = now_iso()
             record = _scan(state, output, meta, repair=True)
             if record.output_trusted and meta.get("finalizing"):
                 _promote_finalizing(meta, output)
@@ -720,8 +717,8 @@ class StateStore:
             if meta.get("finalized_token") is not None and not record.output_trusted:
                 for key in [k for k in meta if k.startswith("finalized_")]:
                     del meta[key]
-            meta.update(run_id=run_id, opened_at=_now_iso(), last_seq=record.last_seq,
-                        updated_at=_now_iso())
+            meta.update(run_id=run_id, opened_at=now_iso(), last_seq=record.last_seq,
+                        updated_at=now_iso())
             _write_meta(state, meta)
         except BaseException:
             os.close(fd)
@@ -801,7 +798,7 @@ class StateStore:
         with self._mutex:
             self._check_open()
             self._meta.update(values)
-            self._meta["updated_at"] = _now_iso()
+            self._meta["updated_at"] = now_iso()
             _write_meta(self.state_dir, self._meta)
 
     def finalize(self) -> Path:
@@ -840,11 +837,11 @@ class StateStore:
                 raise Aborted(f"cannot finalize {self.output}: {exc.path} is unreadable "
                               f"(moved to {moved}); run the same command again to redo its "
                               "rows") from exc
-            record.update(finalized_rows=rows, finalized_at=_now_iso())
+            record.update(finalized_rows=rows, finalized_at=now_iso())
             self._meta.pop("finalizing", None)
             self._meta.update(record)
             self._meta["last_seq"] = max(_int(self._meta.get("last_seq")), through)
-            self._meta["updated_at"] = _now_iso()
+            self._meta["updated_at"] = now_iso()
             _write_meta(self.state_dir, self._meta)
             self._output_trusted = True
             for part in parts:

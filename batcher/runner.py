@@ -17,7 +17,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -49,7 +48,6 @@ from batcher.pricing import (
     Budget,
     Price,
     context_window,
-    cost_usd,
     genai_price,
     max_cost_usd,
     price_for,
@@ -57,8 +55,9 @@ from batcher.pricing import (
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
+from batcher.results import Failed, RowBuilder, Sent, now_iso
 from batcher.secrets import check_key, redactor, resolve_headers
-from batcher.sender import Failed, Sender, Sent
+from batcher.sender import Sender
 from batcher.spend import Spend
 from batcher.tokens import (
     APPROX_FACTOR,
@@ -67,13 +66,10 @@ from batcher.tokens import (
     tokenizer_name,
 )
 from batcher.types import (
-    Answer,
     HttpRequest,
-    HttpResponse,
     RequestContext,
     RequestRow,
     ResultRow,
-    Usage,
 )
 
 MAX_PROBLEMS_LOGGED = 20
@@ -159,10 +155,6 @@ class RunSummary:
         return asdict(self)
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class Runner:
     """Runs one job described by a :class:`RunConfig`. Usable from Python::
 
@@ -209,6 +201,8 @@ class Runner:
         self._ctx = request_context(config)
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
         """The text with the API key and secret header values masked."""
+        self._rows = RowBuilder(price_of=self._price, redact=self._redact,
+                                keep_raw=config.keep_raw, default_model=config.model)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -236,7 +230,7 @@ class Runner:
         loop.call_later(self.config.grace, self._abandon_in_flight)
 
     async def run(self) -> RunSummary:
-        started_at, t0 = _now_iso(), time.monotonic()
+        started_at, t0 = now_iso(), time.monotonic()
         get_provider(self.config.endpoint)
         pool, warning = fit_open_files(self.config.concurrency)
         if warning is not None:
@@ -561,7 +555,7 @@ class Runner:
             else:
                 request = provider.build_request(row, ctx)
         except InputError as exc:
-            return [self._error_row(r, exc.detail, "input", attempts=0, status=None,
+            return [self._rows.error_row(r, exc.detail, "input", attempts=0, status=None,
                                     latency_ms=None) for r in rows]
         self._warn_if_over_context(rows, request)
         key = self._cache_key(request)
@@ -596,16 +590,16 @@ class Runner:
             assert self._sender is not None
             outcome = await self._sender.send(row, provider, request, input_tokens + max_output)
             if isinstance(outcome, Sent):
-                results = self._ok_rows(rows, request, outcome)
+                results = self._rows.ok_rows(rows, request, outcome)
                 if key is not None:
                     self._remember(key, outcome, results)
             elif isinstance(outcome, Failed) and isinstance(outcome.error, TransportError):
-                self._hold([self._error_row(r, outcome.error.message, outcome.error.kind,
+                self._hold([self._rows.error_row(r, outcome.error.message, outcome.error.kind,
                                             attempts=outcome.attempts, status=None,
                                             latency_ms=outcome.latency_ms,
                                             wait_ms=outcome.wait_ms) for r in rows])
             elif isinstance(outcome, Failed):
-                results = [self._error_row(r, outcome.error.message, outcome.error.kind,
+                results = [self._rows.error_row(r, outcome.error.message, outcome.error.kind,
                                            attempts=outcome.attempts,
                                            status=outcome.error.status,
                                            latency_ms=outcome.latency_ms,
@@ -647,7 +641,7 @@ class Runner:
         except ProviderError:
             self._cache.forget(key)
             return None
-        results = self._ok_rows(rows, request, Sent(response, answer, 0, _ms_since(started),
+        results = self._rows.ok_rows(rows, request, Sent(response, answer, 0, _ms_since(started),
                                                         None))
         for r in results:
             r.cost_usd_original, r.cost_usd, r.cached = r.cost_usd, 0.0, True
@@ -743,64 +737,6 @@ class Runner:
                             if isinstance(exc, ProviderError) else type(exc).__name__)
         self.request_stop("abort")
 
-    # --- result rows ----------------------------------------------------------------------
-
-    def _ok_rows(self, rows: list[RequestRow], request: HttpRequest,
-                 sent: Sent) -> list[ResultRow]:
-        if len(rows) == 1:
-            return [self._ok_row(rows[0], request, sent, sent.answer)]
-        vectors = sent.answer.embeddings or []
-        if len(vectors) != len(rows):
-            message = f"the server returned {len(vectors)} embeddings for {len(rows)} inputs"
-            return [self._error_row(r, message, "invalid_response", attempts=sent.attempts,
-                                    status=sent.response.status, latency_ms=sent.latency_ms,
-                                    wait_ms=sent.wait_ms, response=sent.response) for r in rows]
-        # One request's usage is shared out evenly: the server reports it only in total.
-        shares = _split(sent.answer.usage.prompt_tokens, len(rows))
-        return [
-            self._ok_row(r, request, sent,
-                         replace(sent.answer, embedding=vector, embeddings=None,
-                                 usage=Usage(prompt_tokens=share, total_tokens=share)))
-            for r, vector, share in zip(rows, vectors, shares, strict=True)
-        ]
-
-    def _ok_row(self, row: RequestRow, request: HttpRequest, sent: Sent,
-                answer: Answer) -> ResultRow:
-        """The output row of ``answer`` (the whole answer, or one input's share of it)."""
-        response, usage = sent.response, answer.usage
-        # The answered model's price, else the requested one's (gateways rename models).
-        cost = cost_usd(self._price(answer.model), usage) if answer.model else None
-        if cost is None:
-            cost = cost_usd(self._price(request.model), usage)
-        return ResultRow(
-            id=row.id, status="ok", output=answer.output, finish_reason=answer.finish_reason,
-            finish_reason_raw=answer.finish_reason_raw, model=answer.model,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens, cost_usd=cost, latency_ms=sent.latency_ms,
-            wait_ms=sent.wait_ms, ttft_ms=response.ttft_ms, attempts=sent.attempts,
-            http_status=response.status,
-            response_id=answer.response_id, tool_calls=answer.tool_calls,
-            embedding=answer.embedding,
-            raw=(self._redact(response.body.decode("utf-8", "replace"))
-                 if self.config.keep_raw else None),
-            completed_at=_now_iso(), columns=row.columns,
-        )
-
-    def _error_row(self, row: RequestRow, message: str, kind: str, *, attempts: int,
-                   status: int | None, latency_ms: float | None, wait_ms: float | None = None,
-                   response: HttpResponse | None = None) -> ResultRow:
-        raw = None
-        if self.config.keep_raw and response is not None:
-            raw = self._redact(response.body.decode("utf-8", "replace"))
-        return ResultRow(
-            id=row.id, status="error", error=self._redact(message), error_type=kind,
-            attempts=attempts,
-            http_status=status, latency_ms=latency_ms, wait_ms=wait_ms, raw=raw,
-            completed_at=_now_iso(),
-            columns=row.columns, model=row.model or self.config.model,
-        )
-
     # --- summary --------------------------------------------------------------------------
 
     def _summary(self, outcome: str, message: str | None, started_at: str, t0: float,
@@ -820,7 +756,7 @@ class Runner:
             code = EXIT_OK if error == 0 and p.bad_rows == 0 else EXIT_FAILED_ROWS
         summary = RunSummary(
             run_id=self.run_id, job=config.job, model=config.model, input=str(config.input),
-            output=str(config.output), started_at=started_at, finished_at=_now_iso(),
+            output=str(config.output), started_at=started_at, finished_at=now_iso(),
             duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=code,
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
@@ -852,14 +788,6 @@ def write_summary(path: Path, summary: RunSummary) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         get_logger().warning("summary_not_written", path=str(path), reason=str(exc))
-
-
-def _split(total: int | None, parts: int) -> list[int | None]:
-    """``total`` shared out as evenly as whole numbers allow (None stays None)."""
-    if total is None:
-        return [None] * parts
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _input_token_bound(row: RequestRow, model: str | None) -> int:

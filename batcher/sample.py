@@ -50,8 +50,9 @@ from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.pricing import Price, cost_usd, price_for
 from batcher.providers import provider_for_row
+from batcher.results import Failed, Sent
 from batcher.secrets import redactor
-from batcher.sender import Failed, Sender, Sent
+from batcher.sender import Sender
 from batcher.tokens import request_input_tokens, request_max_output_tokens
 from batcher.types import Answer, HttpRequest, RequestContext, RequestRow
 

@@ -13,7 +13,6 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger as Logger
@@ -30,6 +29,7 @@ from batcher.errors import (
 from batcher.limits import Throttle
 from batcher.pool import Transport
 from batcher.providers import Provider
+from batcher.results import Failed, Sent
 from batcher.retry import retrying
 from batcher.types import Answer, HttpRequest, HttpResponse, RequestRow
 
@@ -46,29 +46,6 @@ class _NoCounters:
     in_flight = 0
     retries = 0
     rate_limited = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """An answered request: the response, its parsed answer, every send made for it, the
-    answering send's time on the wire (``latency_ms``) and the time before it (``wait_ms``)."""
-
-    response: HttpResponse
-    answer: Answer
-    attempts: int
-    latency_ms: float | None
-    wait_ms: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """A request that ended in a row error (retries exhausted, or not retryable)."""
-
-    error: ProviderError
-    attempts: int
-    latency_ms: float | None
-    wait_ms: float | None
-    response: HttpResponse | None
 
 
 class StopRequested(Exception):
