@@ -166,13 +166,13 @@ def test_a_rate_that_would_take_days_is_named_before_the_wait(
 
 def test_an_internal_error_is_a_message_with_exit_3_and_the_answers_are_kept(
         tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batcher import runner as runner_module
+    from batcher.results import RowBuilder
 
     src = write_jsonl(tmp_path / "in.jsonl", prompts(30))
     out = tmp_path / "out.parquet"
     args = ["run", src, "-o", out, "--base-url", sim.base_url, "--model", "gpt-4o-mini",
             "--no-progress", "--concurrency", "1"]
-    real_ok_row = runner_module.Runner._ok_row
+    real_ok_row = RowBuilder.ok_row
     calls = 0
 
     def flaky_ok_row(self: Any, *a: Any, **kw: Any) -> Any:
@@ -182,12 +182,12 @@ def test_an_internal_error_is_a_message_with_exit_3_and_the_answers_are_kept(
             raise RuntimeError("a defect")
         return real_ok_row(self, *a, **kw)
 
-    monkeypatch.setattr(runner_module.Runner, "_ok_row", flaky_ok_row)
+    monkeypatch.setattr(RowBuilder, "ok_row", flaky_ok_row)
     result = run_cli(*args)
     assert result.exit_code == 3
     assert "internal error (RuntimeError: a defect)" in result.stderr
     assert "rerun the same command" in result.stderr
-    monkeypatch.setattr(runner_module.Runner, "_ok_row", real_ok_row)
+    monkeypatch.setattr(RowBuilder, "ok_row", real_ok_row)
     sent = sim.stats.requests
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
