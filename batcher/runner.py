@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from batcher.cache import CACHEABLE_FINISH, ResponseCache, is_deterministic, request_key
 from batcher.checkpoint import Counters, StateStore, input_fingerprint
 from batcher.config import RunConfig
+from batcher.engine import Engine, Prepared
+from batcher.engines import get_engine
 from batcher.errors import (
     Aborted,
     AuthError,
@@ -41,9 +43,7 @@ from batcher.errors import (
     TransportError,
 )
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
-from batcher.limits import Throttle
 from batcher.log import get_logger
-from batcher.pool import Transport
 from batcher.pricing import (
     Budget,
     Price,
@@ -57,7 +57,6 @@ from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.results import Failed, RowBuilder, Sent, now_iso
 from batcher.secrets import check_key, redactor, resolve_headers
-from batcher.sender import Sender
 from batcher.spend import Spend
 from batcher.tokens import (
     APPROX_FACTOR,
@@ -174,11 +173,10 @@ class Runner:
         self._input_error: InputError | ConfigError | None = None
         self._on_problem = on_problem
         self._log = get_logger()
-        self._stop_event = asyncio.Event()
+        self.stop = asyncio.Event()
         self._pending: list[ResultRow] = []
         self._pending_event = asyncio.Event()
         self._workers_done = False
-        self._workers: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None
         self._errors_by_type: Counter[str] = Counter()
         self._held: list[ResultRow] = []
@@ -188,13 +186,12 @@ class Runner:
         """Rows refused with the same client error, no success between (see _refused_streak)."""
         self._streak_key: tuple[int | None, str] | None = None
         self._streak_mark = 0
-        self._sender: Sender | None = None
+        self._successes = 0
+        self._engine: Engine | None = None
+        self.consumers = config.concurrency
+        """Engine workers reading the row queue (one end marker each)."""
         self._price_cache: dict[str | None, Price | None] = {}
         self._budget = Budget(config.max_cost)
-        # With a cache, embeddings go one row per request: a group's key would depend on
-        # which rows happened to be queued together, and almost never hit again.
-        self._group_size = (config.batch_size if config.endpoint == "embeddings"
-                            and config.cache is None else 1)
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
         self._context_warned: set[str] = set()
@@ -215,17 +212,14 @@ class Runner:
                 self._abandon_in_flight()
             return
         self.stop_reason = reason
-        self._stop_event.set()
-        if reason in ("sigint", "sigterm"):
-            self._log.warning("stopping", reason=reason, grace_s=self.config.grace,
-                              in_flight=len(self._sending()))
+        self.stop.set()
         if self._reader is not None:
             self._reader.cancel()
-        # Workers not holding a sent request may go now; those that are get `grace` seconds.
-        sending = self._sending()
-        for task in self._workers:
-            if task not in sending:
-                task.cancel()
+        # Work not on the wire ends now; requests on the wire get `grace` seconds.
+        in_flight = self._engine.stop(now=False) if self._engine is not None else 0
+        if reason in ("sigint", "sigterm"):
+            self._log.warning("stopping", reason=reason, grace_s=self.config.grace,
+                              in_flight=in_flight)
         loop = asyncio.get_running_loop()
         loop.call_later(self.config.grace, self._abandon_in_flight)
 
@@ -268,7 +262,7 @@ class Runner:
                 explained = explain_os_error(exc, config.output, config.state_dir)
                 if explained is None:
                     raise
-                self._abort(explained)
+                self.abort(explained)
             if self._input_error is not None:
                 store.update_meta(status="input_error")
                 raise self._input_error
@@ -400,40 +394,29 @@ class Runner:
     async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
-            self._sender = Sender(
-                throttle=Throttle(rpm=config.rpm, tpm=config.tpm,
-                                  concurrency=config.concurrency),
-                transport=transport, max_attempts=config.max_attempts,
-                max_rate_limit_wait=config.max_rate_limit_wait,
-                server_down_after=config.server_down_after, base_url=config.base_url,
-                log=self._log, abort=self._abort, stop=self._stop_event,
-                counters=self.progress, on_first_send=self._warm_price,
-                on_success=self._on_success)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    writer = group.create_task(self._write(store))
-                    self._reader = group.create_task(self._read(rows, options, skip))
-                    self._workers = [group.create_task(self._work(rows))
-                                     for _ in range(config.concurrency)]
-                    await asyncio.gather(*self._workers, return_exceptions=True)
-                    if self.stop_reason is None:
-                        self._release_held()
-                    self._workers_done = True
-                    self._pending_event.set()
-                    if self._reader is not None and not self._reader.done():
-                        self._reader.cancel()
-                    await writer
-            except BaseExceptionGroup as group:
-                # One of ours (e.g. bad input found by the reader) is reported as itself.
-                leaves = _leaves(group)
-                ours = [e for e in leaves if isinstance(e, BatcherError | OSError)]
-                others = [e for e in leaves if isinstance(e, Exception)]
-                if ours or others:
-                    raise (ours or others)[0] from group
-                raise
-            finally:
+        self._engine = engine = get_engine(config)
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write(store))
+                self._reader = group.create_task(self._read(rows, options, skip))
+                await engine.run(rows, self)
+                if self.stop_reason is None:
+                    self._release_held()
                 self._workers_done = True
+                self._pending_event.set()
+                if self._reader is not None and not self._reader.done():
+                    self._reader.cancel()
+                await writer
+        except BaseExceptionGroup as group:
+            # One of ours (e.g. bad input found by the reader) is reported as itself.
+            leaves = _leaves(group)
+            ours = [e for e in leaves if isinstance(e, BatcherError | OSError)]
+            others = [e for e in leaves if isinstance(e, Exception)]
+            if ours or others:
+                raise (ours or others)[0] from group
+            raise
+        finally:
+            self._workers_done = True
 
     async def _read(self, rows: asyncio.Queue[RequestRow | None], options: ReaderOptions,
                     skip: set[str]) -> None:
@@ -449,7 +432,7 @@ class Runner:
             self._input_error = exc
             self.request_stop("input")
             return
-        for _ in range(self.config.concurrency):
+        for _ in range(self.consumers):
             await rows.put(None)
 
     def _report_problem(self, problem: InputProblem) -> None:
@@ -462,42 +445,7 @@ class Runner:
         elif self.progress.bad_rows == MAX_PROBLEMS_LOGGED + 1:
             self._log.warning("bad_rows_continue", note="further bad rows are only counted")
 
-    async def _work(self, rows: asyncio.Queue[RequestRow | None]) -> None:
-        while self.stop_reason is None:
-            row = await rows.get()
-            if row is None or self.stop_reason is not None:
-                return
-            group, rest, last = self._gather(row, rows)
-            for result in await self._process(group):
-                self._deliver(result)
-            if rest is not None and self.stop_reason is None:
-                for result in await self._process([rest]):
-                    self._deliver(result)
-            if last:
-                return
-
-    def _gather(self, first: RequestRow, rows: asyncio.Queue[RequestRow | None]
-                ) -> tuple[list[RequestRow], RequestRow | None, bool]:
-        """More rows for one multi-input request (embeddings ``--batch-size``), taken only
-        from what is already queued (never waiting) and only rows that share the first
-        row's model and params. Returns (group, a row that did not fit, end-of-input seen)."""
-        group = [first]
-        if self._group_size <= 1 or first.prompt is None or first.shape == "batch":
-            return group, None, False
-        while len(group) < self._group_size:
-            try:
-                row = rows.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if row is None:
-                return group, None, True
-            if (row.prompt is None or row.shape == "batch" or row.model != first.model
-                    or row.params != first.params):
-                return group, row, False
-            group.append(row)
-        return group, None, False
-
-    def _deliver(self, result: ResultRow) -> None:
+    def deliver(self, result: ResultRow) -> None:
         """Hand a result to the writer without awaiting: nothing can cancel it in between."""
         self._pending.append(result)
         self._pending_event.set()
@@ -525,13 +473,9 @@ class Runner:
             if self._workers_done and not self._pending:
                 return
 
-    def _sending(self) -> set[asyncio.Task[object]]:
-        """The workers with a request on the wire or an answer not yet handed over."""
-        return self._sender.sending if self._sender is not None else set()
-
     def _abandon_in_flight(self) -> None:
-        for task in list(self._sending()):
-            task.cancel()
+        if self._engine is not None:
+            self._engine.stop(now=True)
 
     # --- one row --------------------------------------------------------------------------
 
@@ -542,10 +486,10 @@ class Runner:
                                                  price_output=c.price_output, table=c.prices)
         return self._price_cache[model]
 
-    async def _process(self, rows: list[RequestRow]) -> list[ResultRow]:
-        """The result rows for one request (one input row, or several for embeddings).
-        Rows that were not finished (stop, abort, budget) get no result: not written, a
-        resume sends them."""
+    def prepare(self, rows: list[RequestRow]) -> Prepared | list[ResultRow] | None:
+        """One request for ``rows`` (one input row, or several for embeddings), checked by
+        the budget gate; or the rows' results already (an input error, a cache hit); or
+        None when the budget refused it (the job is stopping; the rows stay pending)."""
         config, ctx = self.config, self._ctx
         row = rows[0]
         try:
@@ -556,7 +500,7 @@ class Runner:
                 request = provider.build_request(row, ctx)
         except InputError as exc:
             return [self._rows.error_row(r, exc.detail, "input", attempts=0, status=None,
-                                    latency_ms=None) for r in rows]
+                                         latency_ms=None) for r in rows]
         self._warn_if_over_context(rows, request)
         key = self._cache_key(request)
         if key is not None:
@@ -572,46 +516,55 @@ class Runner:
         if config.max_cost is not None:
             price = self._price(request.model)
             if price is None:
-                self._abort(BudgetExceeded(
+                self.abort(BudgetExceeded(
                     f"--max-cost needs a price, and the price of model {request.model!r} is "
                     "unknown: give --price-input and --price-output (USD per 1M tokens)"))
-                return []
+                return None
             bound = sum(_input_token_bound(r, request.model) for r in rows)
             reserved = max_cost_usd(price, max(input_tokens, bound), max_output) or 0.0
             if not self._budget.try_reserve(reserved):
-                self._abort(BudgetExceeded(
+                self.abort(BudgetExceeded(
                     f"budget reached: ${self._budget.spent:.4f} spent and "
                     f"${self._budget.reserved:.4f} reserved by requests in flight, of "
                     f"--max-cost ${config.max_cost:g}; the next request could cost up to "
                     f"${reserved:.4f}. Rerun with a higher --max-cost to continue"))
-                return []
+                return None
+        return Prepared(rows, provider, request, input_tokens + max_output, reserved, key)
+
+    def finish(self, prepared: Prepared, outcome: Sent | Failed | None) -> None:
+        """Turn what the engine got for ``prepared`` into result rows, delivered or held,
+        and settle the budget. ``outcome`` None: abandoned, the rows stay pending."""
+        rows, request = prepared.rows, prepared.request
         results: list[ResultRow] = []
         try:
-            assert self._sender is not None
-            outcome = await self._sender.send(row, provider, request, input_tokens + max_output)
             if isinstance(outcome, Sent):
+                self._successes += 1
+                if self._held or self._refused:
+                    self._release_held()
                 results = self._rows.ok_rows(rows, request, outcome)
-                if key is not None:
-                    self._remember(key, outcome, results)
+                if prepared.cache_key is not None:
+                    self._remember(prepared.cache_key, outcome, results)
             elif isinstance(outcome, Failed) and isinstance(outcome.error, TransportError):
                 self._hold([self._rows.error_row(r, outcome.error.message, outcome.error.kind,
-                                            attempts=outcome.attempts, status=None,
-                                            latency_ms=outcome.latency_ms,
-                                            wait_ms=outcome.wait_ms) for r in rows])
+                                                 attempts=outcome.attempts, status=None,
+                                                 latency_ms=outcome.latency_ms,
+                                                 wait_ms=outcome.wait_ms) for r in rows])
             elif isinstance(outcome, Failed):
                 results = [self._rows.error_row(r, outcome.error.message, outcome.error.kind,
-                                           attempts=outcome.attempts,
-                                           status=outcome.error.status,
-                                           latency_ms=outcome.latency_ms,
-                                           wait_ms=outcome.wait_ms,
-                                           response=outcome.response) for r in rows]
+                                                attempts=outcome.attempts,
+                                                status=outcome.error.status,
+                                                latency_ms=outcome.latency_ms,
+                                                wait_ms=outcome.wait_ms,
+                                                response=outcome.response) for r in rows]
                 if isinstance(outcome.error, BadRequest):
                     self._refused_streak(outcome.error, results)
                     results = []
-            return results
+            for result in results:
+                self.deliver(result)
         finally:
-            if config.max_cost is not None:
-                self._budget.settle(reserved, self._spent_on(results, reserved))
+            if self.config.max_cost is not None:
+                self._budget.settle(prepared.reserved,
+                                    self._spent_on(results, prepared.reserved))
 
     def _cache_key(self, request: HttpRequest) -> str | None:
         """The request's cache key, or None when there is no cache or the request may not
@@ -661,23 +614,16 @@ class Runner:
         rows stay pending for the rerun."""
         if self.stop_reason is not None:
             return
-        if self._successes() == 0:
+        if self._successes == 0:
             reason = results[0].error if results else "no answer"
-            self._abort(ServerDown(
+            self.abort(ServerDown(
                 f"the server looks down: cannot reach {self.config.base_url}; every request so far "
                 f"failed ({reason}). Check --base-url and that the server is up, then rerun "
                 "the same command to resume"))
             return
         self._held.extend(results)
 
-    def _successes(self) -> int:
-        return self._sender.successes if self._sender is not None else 0
-
-    def _on_success(self) -> None:
-        if self._held or self._refused:
-            self._release_held()
-
-    def _warm_price(self) -> None:
+    def first_send(self) -> None:
         """Load the price table in a thread while the first request is on the wire (~0.2 s),
         not on the loop at the first answer (nor while a resume still skips done rows)."""
         if self.config.model:
@@ -685,7 +631,7 @@ class Runner:
 
     def _release_held(self) -> None:
         for result in self._held:
-            self._deliver(result)
+            self.deliver(result)
         self._held = []
         self._release_refused()
 
@@ -698,19 +644,19 @@ class Runner:
         if self.stop_reason is not None:
             return
         key = (error.status, error.message)
-        if key != self._streak_key or self._successes() != self._streak_mark:
+        if key != self._streak_key or self._successes != self._streak_mark:
             self._release_refused()
-            self._streak_key, self._streak_mark = key, self._successes()
+            self._streak_key, self._streak_mark = key, self._successes
         self._refused.extend(results)
         if len(self._refused) >= SAME_ERROR_ABORT:
-            self._abort(ServerRefuses(
+            self.abort(ServerRefuses(
                 f"the server refused {len(self._refused)} requests in a row with the same "
                 f"error and none succeeded (HTTP {error.status}: {self._redact(error.message)}); "
                 "fix the server or the request, then rerun the same command to resume"))
 
     def _release_refused(self) -> None:
         for result in self._refused:
-            self._deliver(result)
+            self.deliver(result)
         self._refused = []
         self._streak_key = None
 
@@ -721,7 +667,8 @@ class Runner:
             return reserved
         return sum(r.cost_usd or 0.0 for r in results)
 
-    def _abort(self, exc: Aborted | JobFatal) -> None:
+    def abort(self, exc: Aborted | JobFatal) -> None:
+        """End the job (exit 3) with ``exc``, kept as the reason; the first one wins."""
         if isinstance(exc, ProviderError):
             message = self._redact(exc.message)
             if isinstance(exc, AuthError):
