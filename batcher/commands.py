@@ -18,16 +18,15 @@ import orjson
 
 from batcher.checkpoint import status
 from batcher.config import RunConfig, make_config
-from batcher.errors import Aborted, BatcherError, ConfigError
+from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode
 from batcher.estimate import EstimateReport, estimate
-from batcher.io.readers import ReaderOptions, iter_batches
-from batcher.jobfile import is_job_file, job_outputs, load_job
+from batcher.io.readers import iter_batches
+from batcher.jobfile import CLI_ONLY_KEYS, is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, configure_logging, get_logger
 from batcher.runner import MAX_PROBLEMS_LOGGED, Runner, RunSummary, write_summary
 from batcher.secrets import redact_argv
-from batcher.types import RequestContext, RequestRow
+from batcher.types import RequestRow
 
-_NOT_CONFIG = ("log_format", "no_progress")
 T = TypeVar("T")
 
 
@@ -39,7 +38,7 @@ def _fail(exc: BaseException, code: int) -> int:
 def _build_config(values: dict[str, Any]) -> RunConfig:
     if values.get("output") is None:
         raise ConfigError("-o/--output is required (the Parquet file to write)")
-    return make_config({k: v for k, v in values.items() if k not in _NOT_CONFIG})
+    return make_config({k: v for k, v in values.items() if k not in CLI_ONLY_KEYS})
 
 
 def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
@@ -81,7 +80,7 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         runner = Runner(config, run_id=run_id)
         summary = run_async(_run_with_signals(runner, progress_on))
     except BatcherError as exc:
-        get_logger().error("run_failed", error=str(exc), exit_code=exc.exit_code)
+        get_logger().error("run_failed", error=str(exc), exit_code=int(exc.exit_code))
         return _fail(exc, exc.exit_code)
     except Exception as exc:
         # A defect of batcher's, not the user's: the state was flushed and closed on the way
@@ -92,7 +91,7 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         return _fail(Aborted(
             f"internal error ({type(exc).__name__}: {exc}). Every answer already received is "
             "saved: rerun the same command to resume. Please report this, with the output of "
-            "the rerun under BATCHER_DEBUG=1"), 3)
+            "the rerun under BATCHER_DEBUG=1"), ExitCode.ABORTED)
     if summary.outcome != "finished" and argv:
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)
@@ -183,15 +182,13 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
     else:
         print("\n\n".join(r.render() for r in reports))
     # As `run` would exit: bad rows would be skipped there too.
-    return 1 if any(r.bad_rows for r in reports) else 0
+    return ExitCode.FAILED_ROWS if any(r.bad_rows for r in reports) else ExitCode.OK
 
 
 def estimate_job(config: RunConfig) -> EstimateReport:
     """The dry-run report for one configured job: reads the input, sends nothing."""
-    options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
-                            template=config.template)
-    ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
-                         params=dict(config.params))
+    options = config.reader_options()
+    ctx = config.request_context(sending=False)
     bad = 0
     log = get_logger()
     hits: int | None = None
@@ -244,7 +241,7 @@ def execute_status(target: Path, *, as_json: bool) -> int:
         return _fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
     if as_json:
         print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
-        return 0
+        return ExitCode.OK
     for info in infos:
         width = max(len(k) for k in info)
         for key, value in info.items():
@@ -252,7 +249,7 @@ def execute_status(target: Path, *, as_json: bool) -> int:
                 value = "unknown"  # some answered row's usage or cost is: never a silent 0
             print(f"{key:<{width}}  {value}")
         print()
-    return 0
+    return ExitCode.OK
 
 
 def execute_cache_stats(folder: Path, *, as_json: bool) -> int:
@@ -265,7 +262,7 @@ def execute_cache_stats(folder: Path, *, as_json: bool) -> int:
     except BatcherError as exc:
         return _fail(exc, exc.exit_code)
     print(orjson.dumps(stats.to_json()).decode() if as_json else stats.render())
-    return 0
+    return ExitCode.OK
 
 
 def execute_cache_clear(folder: Path, *, older_than: str | None) -> int:
@@ -280,4 +277,4 @@ def execute_cache_clear(folder: Path, *, older_than: str | None) -> int:
         return _fail(exc, exc.exit_code)
     which = f" older than {older_than}" if older_than is not None else ""
     print(f"removed {removed:,} cache entr{'y' if removed == 1 else 'ies'}{which} from {folder}")
-    return 0
+    return ExitCode.OK

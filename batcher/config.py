@@ -6,10 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batcher.errors import ConfigError
-from batcher.types import JSON
+from batcher.types import JSON, RequestContext
+
+if TYPE_CHECKING:
+    from batcher.io.readers import ReaderOptions
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_MAX_ATTEMPTS = 6
@@ -74,6 +77,28 @@ class RunConfig:
     def api_key(self) -> str:
         """The key from the environment variable named by ``api_key_env`` ('' when unset)."""
         return os.environ.get(self.api_key_env, "")
+
+    def reader_options(self) -> ReaderOptions:
+        """How this job's input is read: its id and prompt columns, its template."""
+        from batcher.io.readers import ReaderOptions
+
+        return ReaderOptions(id_column=self.id_column, prompt_column=self.prompt_column,
+                             template=self.template)
+
+    def request_context(self, *, sending: bool = True) -> RequestContext:
+        """What every request of this job shares. For sending, with the API key and the
+        headers (``env:`` values resolved), refusing (ConfigError, exit 2) to go keyless to
+        a server that is not on this machine; a dry run (``sending=False``) needs neither."""
+        if not sending:
+            return RequestContext(base_url=self.base_url, model=self.model, system=self.system,
+                                  params=dict(self.params))
+        from batcher.secrets import check_key, resolve_headers
+
+        headers = resolve_headers(self.headers)
+        api_key = self.api_key()
+        check_key(self.base_url, api_key, headers, self.api_key_env)
+        return RequestContext(base_url=self.base_url, model=self.model, api_key=api_key,
+                              system=self.system, params=dict(self.params), headers=headers)
 
     @property
     def state_dir(self) -> Path:

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every exit code batcher gives (PRODUCT.md's list), in one place."""
+
+    OK = 0
+    FAILED_ROWS = 1
+    """Finished, with rows written as errors or bad input rows skipped."""
+    USAGE = 2
+    """Usage, configuration or input error: nothing was sent."""
+    ABORTED = 3
+    """Stopped on purpose (auth, quota, budget, lock, server down, disk full): resumable."""
+    PENDING = 75
+    """Submitted and still pending (batch mode): run the same command later."""
+    SIGINT = 130
+    SIGTERM = 143
+
 
 class BatcherError(Exception):
     """Base of every error batcher raises on purpose. ``exit_code`` is what the CLI exits with."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
 
 # --- usage, configuration and input (exit 2) -------------------------------------------
@@ -15,7 +33,7 @@ class BatcherError(Exception):
 class ConfigError(BatcherError):
     """A bad option, job-file key or value; the message names the key."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
 
 class InputError(BatcherError):
@@ -25,7 +43,7 @@ class InputError(BatcherError):
     row-level problems are reported as :class:`InputProblem` values and the row is skipped.
     """
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
     def __init__(self, source: str, message: str, line: int | None = None,
                  field: str | None = None) -> None:
@@ -41,7 +59,7 @@ class InputError(BatcherError):
 class StateMismatch(BatcherError):
     """The state beside an output belongs to a different job (input or request shape changed)."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
 
 # --- aborted runs (exit 3, resumable) ---------------------------------------------------
@@ -50,7 +68,7 @@ class StateMismatch(BatcherError):
 class Aborted(BatcherError):
     """The job stopped on purpose before finishing; state is kept, a rerun resumes."""
 
-    exit_code = 3
+    exit_code: ExitCode = ExitCode.ABORTED
 
 
 class LockHeld(Aborted):
@@ -80,7 +98,7 @@ class ProviderError(BatcherError):
     API key: they are built from the server's error text, which is truncated.
     """
 
-    exit_code = 3
+    exit_code: ExitCode = ExitCode.ABORTED
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)

@@ -34,6 +34,7 @@ from batcher.errors import (
     BatcherError,
     BudgetExceeded,
     ConfigError,
+    ExitCode,
     InputError,
     JobFatal,
     ProviderError,
@@ -56,7 +57,7 @@ from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.results import Failed, RowBuilder, Sent, now_iso
-from batcher.secrets import check_key, redactor, resolve_headers
+from batcher.secrets import redactor
 from batcher.spend import Spend
 from batcher.tokens import (
     APPROX_FACTOR,
@@ -66,7 +67,6 @@ from batcher.tokens import (
 )
 from batcher.types import (
     HttpRequest,
-    RequestContext,
     RequestRow,
     ResultRow,
 )
@@ -76,8 +76,6 @@ MAX_PROBLEMS_LOGGED = 20
 SAME_ERROR_ABORT = 20
 """Consecutive rows refused with the same client error, and no success, that stop the job."""
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 @dataclass
@@ -195,7 +193,7 @@ class Runner:
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
         self._context_warned: set[str] = set()
-        self._ctx = request_context(config)
+        self._ctx = config.request_context()
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
         """The text with the API key and secret header values masked."""
         self._rows = RowBuilder(price_of=self._price, redact=self._redact,
@@ -231,8 +229,7 @@ class Runner:
             self._log.warning("concurrency_capped", reason=warning)
             self.config = replace(self.config, concurrency=pool)
         config = self.config
-        options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
-                                template=config.template)
+        options = config.reader_options()
         total = count_rows(config.input)
         self._warn_if_slow(total)
         iter_batches(config.input, options)  # checks the file and options up front (exit 2)
@@ -696,15 +693,15 @@ class Runner:
             ok = sum(chunk.to_pylist().count("ok") for chunk in statuses.chunks)
             error = len(statuses) - ok
         if outcome == "aborted":
-            code = EXIT_ABORTED
+            code = ExitCode.ABORTED
         elif outcome == "interrupted":
-            code = EXIT_SIGTERM if self.stop_reason == "sigterm" else EXIT_SIGINT
+            code = ExitCode.SIGTERM if self.stop_reason == "sigterm" else ExitCode.SIGINT
         else:
-            code = EXIT_OK if error == 0 and p.bad_rows == 0 else EXIT_FAILED_ROWS
+            code = ExitCode.OK if error == 0 and p.bad_rows == 0 else ExitCode.FAILED_ROWS
         summary = RunSummary(
             run_id=self.run_id, job=config.job, model=config.model, input=str(config.input),
             output=str(config.output), started_at=started_at, finished_at=now_iso(),
-            duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=code,
+            duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=int(code),
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
             sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
@@ -760,16 +757,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
-
-
-def request_context(config: RunConfig) -> RequestContext:
-    """What every request of ``config``'s job shares; ``env:`` header values resolved.
-    Refuses (ConfigError, exit 2) to go keyless to a server that is not on this machine."""
-    headers = resolve_headers(config.headers)
-    api_key = config.api_key()
-    check_key(config.base_url, api_key, headers, config.api_key_env)
-    return RequestContext(base_url=config.base_url, model=config.model, api_key=api_key,
-                          system=config.system, params=dict(config.params), headers=headers)
 
 
 async def run_job(config: RunConfig, *, run_id: str | None = None) -> RunSummary:

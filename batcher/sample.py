@@ -44,7 +44,7 @@ from typing import Generic, TypeVar
 from batcher.config import RunConfig
 from batcher.errors import Aborted, ConfigError, InputError, JobFatal, ProviderError
 from batcher.estimate import EstimateReport, estimate
-from batcher.io.readers import ReaderOptions, iter_batches
+from batcher.io.readers import iter_batches
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
@@ -141,10 +141,8 @@ def read_and_sample(config: RunConfig, n: int,
     its good rows, from one streaming pass. Sends nothing."""
     if n < 1:
         raise ConfigError(f"--sample: expected a number of rows >= 1, got {n}")
-    options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
-                            template=config.template)
-    ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
-                         params=dict(config.params))
+    options = config.reader_options()
+    ctx = config.request_context(sending=False)
     reservoir: Reservoir[RequestRow] = Reservoir(n, random.Random(seed))
     bad = 0
 
@@ -218,9 +216,7 @@ def _measure(config: RunConfig, row: RequestRow, ctx: RequestContext, request: H
 async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOutcome:
     """Send ``rows`` for real, as the job would (see the module docstring), and measure the
     answers. Raises the first :class:`JobFatal` (auth, quota) after stopping."""
-    from batcher.runner import request_context
-
-    ctx = request_context(config)
+    ctx = config.request_context()
     redact = redactor(ctx.api_key, ctx.headers)
     outcome = SampleOutcome(sent=0)
     if not rows:
