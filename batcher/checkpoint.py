@@ -918,14 +918,28 @@ class StateStore:
         self._last_fsync = time.monotonic()
 
 
-def _prepare_dirs(output: Path) -> Path:
+def ensure_output_folder(output: Path) -> None:
+    """Create the output's folders (the folder an output, or a job file's template, names is
+    part of the job); refuse (ConfigError, exit 2), naming it, a file standing where a folder
+    should be, a folder that cannot be written, or an output path that is a folder."""
     parent = output.parent
-    if not parent.is_dir():
-        raise ConfigError(f"output directory {parent} does not exist")
+    existing = next(p for p in [parent, *parent.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"output folder {parent}: {existing} is a file, not a folder; "
+                          "choose another -o")
+    if existing != parent:
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(f"output folder {parent} cannot be created: {existing} is "
+                              "not writable")
+        parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory {parent} is not writable")
+        raise ConfigError(f"output folder {parent} is not writable")
     if output.is_dir():
-        raise ConfigError(f"output {output} is a directory, expected a .parquet file path")
+        raise ConfigError(f"output {output} is a folder, expected a .parquet file path")
+
+
+def _prepare_dirs(output: Path) -> Path:
+    ensure_output_folder(output)
     state = state_dir_for(output)
     try:
         state.mkdir(exist_ok=True)

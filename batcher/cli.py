@@ -19,7 +19,7 @@ from batcher.config import (
     DEFAULT_TIMEOUT,
     ENDPOINTS,
 )
-from batcher.errors import BatcherError, ConfigError
+from batcher.errors import BatcherError, ConfigError, ExitCode, fail
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,11 +110,6 @@ def _own_argv(fallback: list[str]) -> list[str]:
     if Path(sys.argv[0]).name in ("batcher", "__main__.py"):
         return sys.argv[1:]
     return fallback
-
-
-def fail(exc: BaseException, code: int) -> None:
-    click.echo(f"batcher: error: {exc}", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -243,8 +238,7 @@ def simulate(host: str, port: int, **kwargs: Any) -> None:
         config = sim_config_from(**{k: (v or None) if k == "script" else v
                                     for k, v in kwargs.items()})
     except ValueError as exc:
-        fail(exc, 2)
-        return
+        sys.exit(fail(exc, ExitCode.USAGE))
     serve(config, host=host, port=port)
 
 
@@ -252,4 +246,4 @@ def main() -> None:
     try:
         cli.main(standalone_mode=True)
     except BatcherError as exc:  # pragma: no cover - commands catch their own
-        fail(exc, exc.exit_code)
+        sys.exit(fail(exc, exc.exit_code))

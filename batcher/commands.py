@@ -18,7 +18,7 @@ import orjson
 
 from batcher.checkpoint import status
 from batcher.config import RunConfig, make_config
-from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode
+from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode, fail
 from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import iter_batches
 from batcher.jobfile import CLI_ONLY_KEYS, is_job_file, job_outputs, load_job
@@ -28,11 +28,6 @@ from batcher.secrets import redact_argv
 from batcher.types import RequestRow
 
 T = TypeVar("T")
-
-
-def _fail(exc: BaseException, code: int) -> int:
-    print(f"batcher: error: {exc}", file=sys.stderr)
-    return code
 
 
 def _build_config(values: dict[str, Any]) -> RunConfig:
@@ -52,7 +47,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
     try:
         runs = load_job(input, {**values, "output": output})
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     worst = 0
     for job_run in runs:
         run_values = {**job_run.values, "prices": job_run.prices or None}
@@ -72,7 +67,7 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
     try:
         config = _build_config(values)
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     configure_logging(log_format,
                       {"run_id": run_id, **({"job": config.job} if config.job else {})})
     progress_on = show_progress and sys.stderr.isatty()
@@ -81,14 +76,14 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         summary = run_async(_run_with_signals(runner, progress_on))
     except BatcherError as exc:
         get_logger().error("run_failed", error=str(exc), exit_code=int(exc.exit_code))
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     except Exception as exc:
         # A defect of batcher's, not the user's: the state was flushed and closed on the way
         # out (Runner.run's finally), so the run is resumable. No traceback unless asked for.
         if os.environ.get("BATCHER_DEBUG"):
             raise
         get_logger().error("internal_error", error=f"{type(exc).__name__}: {exc}")
-        return _fail(Aborted(
+        return fail(Aborted(
             f"internal error ({type(exc).__name__}: {exc}). Every answer already received is "
             "saved: rerun the same command to resume. Please report this, with the output of "
             "the rerun under BATCHER_DEBUG=1"), ExitCode.ABORTED)
@@ -175,7 +170,7 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
                 continue
             reports.append(estimate_job(config))
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     if as_json:
         docs = [r.to_json() for r in reports]
         print(orjson.dumps(docs[0] if len(docs) == 1 else docs).decode())
@@ -235,10 +230,10 @@ def execute_status(target: Path, *, as_json: bool) -> int:
         outputs = job_outputs(target) if is_job_file(target) else [target]
         infos = [status(output) for output in outputs]
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     if not any(info.get("state_exists") or info.get("output_exists") for info in infos):
         names = ", ".join(str(o) for o in outputs)
-        return _fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
+        return fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
     if as_json:
         print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
         return ExitCode.OK
@@ -260,7 +255,7 @@ def execute_cache_stats(folder: Path, *, as_json: bool) -> int:
         with open_existing(folder) as store:
             stats = store.stats()
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     print(orjson.dumps(stats.to_json()).decode() if as_json else stats.render())
     return ExitCode.OK
 
@@ -274,7 +269,7 @@ def execute_cache_clear(folder: Path, *, older_than: str | None) -> int:
         with open_existing(folder) as store:
             removed = store.clear(age)
     except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
+        return fail(exc, exc.exit_code)
     which = f" older than {older_than}" if older_than is not None else ""
     print(f"removed {removed:,} cache entr{'y' if removed == 1 else 'ies'}{which} from {folder}")
     return ExitCode.OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 
 
@@ -19,6 +20,12 @@ class ExitCode(IntEnum):
     """Submitted and still pending (batch mode): run the same command later."""
     SIGINT = 130
     SIGTERM = 143
+
+
+def fail(exc: BaseException, code: int) -> int:
+    """Say ``exc`` as batcher's one-line error on stderr; return ``code``, the exit code."""
+    print(f"batcher: error: {exc}", file=sys.stderr)
+    return code
 
 
 class BatcherError(Exception):

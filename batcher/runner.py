@@ -23,7 +23,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from batcher.cache import CACHEABLE_FINISH, ResponseCache, is_deterministic, request_key
-from batcher.checkpoint import Counters, StateStore, input_fingerprint
+from batcher.checkpoint import Counters, StateStore, ensure_output_folder, input_fingerprint
 from batcher.config import RunConfig
 from batcher.engine import Engine, Prepared
 from batcher.engines import get_engine
@@ -326,19 +326,7 @@ class Runner:
                 f"output {config.output} already exists and was not written by batcher (no "
                 f"{config.state_dir.name} beside it); choose another -o, or pass --restart to "
                 "replace it")
-        parent = output.parent
-        existing = next(p for p in [parent, *parent.parents] if p.exists() or p == p.parent)
-        if not existing.is_dir():
-            raise ConfigError(f"output folder {parent}: {existing} is a file, not a folder; "
-                              "choose another -o")
-        if existing != parent:
-            if not os.access(existing, os.W_OK):
-                raise ConfigError(f"output folder {parent} cannot be created: {existing} is "
-                                  "not writable")
-            # The folder an output (or a job file's template) names is part of the job.
-            parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(f"output folder {parent} is not writable")
+        ensure_output_folder(config.output)
 
     def _warn_if_slow(self, total: int) -> None:
         """A limit that would pace the job for more than a day is most likely a typo

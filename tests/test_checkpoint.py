@@ -398,9 +398,15 @@ def test_lock_held_by_a_live_process_then_taken_over_after_kill_9(
             open_store(out)  # even the same process cannot open it twice
 
 
-def test_output_directory_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing"):
-        open_store(tmp_path / "missing" / "results.parquet")
+def test_output_folders_are_created_and_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
+    # PRODUCT.md: the output's parent folders are created as needed (one rule, shared with
+    # the runner's check: batcher.checkpoint.ensure_output_folder).
+    store = open_store(tmp_path / "new" / "dated" / "results.parquet")
+    store.close()
+    assert (tmp_path / "new" / "dated").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        open_store(tmp_path / "file" / "results.parquet")
 
 
 def test_close_is_idempotent_and_closed_store_refuses_work(tmp_path: Path) -> None:
