@@ -22,7 +22,7 @@ from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode, fail
 from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import iter_batches
 from batcher.jobfile import CLI_ONLY_KEYS, is_job_file, job_outputs, load_job
-from batcher.log import LogFormat, configure_logging, get_logger
+from batcher.log import LogFormat, bind_log_context, configure_logging, get_logger
 from batcher.runner import MAX_PROBLEMS_LOGGED, Runner, RunSummary, write_summary
 from batcher.secrets import redact_argv
 from batcher.types import RequestRow
@@ -68,8 +68,8 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         config = _build_config(values)
     except BatcherError as exc:
         return fail(exc, exc.exit_code)
-    configure_logging(log_format,
-                      {"run_id": run_id, **({"job": config.job} if config.job else {})})
+    if config.job:
+        bind_log_context(job=config.job)
     progress_on = show_progress and sys.stderr.isatty()
     try:
         runner = Runner(config, run_id=run_id)

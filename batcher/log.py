@@ -42,6 +42,11 @@ def configure_logging(fmt: LogFormat = "console", context: Mapping[str, object] 
     structlog.contextvars.bind_contextvars(**(context or {}))
 
 
+def bind_log_context(**context: object) -> None:
+    """Add ``context`` (e.g. the job's name, once known) to every later log line."""
+    structlog.contextvars.bind_contextvars(**context)
+
+
 def get_logger() -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("batcher")
     return logger

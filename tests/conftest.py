@@ -19,15 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--perf", action="store_true", help="run the benchmarks in tests/perf")
     parser.addoption("--realserver", action="store_true",
                      help="run the integration test against a real llama.cpp server")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "perf" in item.keywords and not config.getoption("--perf"):
-            item.add_marker(pytest.mark.skip(reason="benchmark: run with --perf"))
         if ("realserver" in item.keywords and not config.getoption("--realserver")
                 and not os.environ.get("BATCHER_REALSERVER")):
             item.add_marker(pytest.mark.skip(

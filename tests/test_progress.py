@@ -21,7 +21,10 @@ from tests.conftest import prompts, run_cli, write_jsonl
 async def _bar_text(progress: Progress) -> str:
     stream = io.StringIO()
     task = asyncio.create_task(show_progress(progress, stream))
-    await asyncio.sleep(0.3)
+    for _ in range(10_000):                   # the first frame is drawn at the first step
+        if stream.getvalue():
+            break
+        await asyncio.sleep(0)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

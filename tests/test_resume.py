@@ -217,10 +217,17 @@ def test_second_ctrl_c_stops_at_once_and_state_stays_consistent(
     assert slow.stats.requests >= 8                      # eight requests are in flight
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)                       # first: wait for in-flight...
-    time.sleep(0.3)
-    assert proc.poll() is None
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:                              # (its "stopping" line, not a sleep)
+        seen.append(line)
+        if '"stopping"' in line:
+            break
+    assert any('"stopping"' in line for line in seen), seen
+    assert proc.poll() is None                            # still waiting for the 8 s answers
     proc.send_signal(signal.SIGINT)                       # ...second: stop now
-    _, stderr = proc.communicate(timeout=20)
+    _, rest = proc.communicate(timeout=20)
+    stderr = "".join(seen) + rest
     assert proc.returncode == 130, stderr
     assert time.monotonic() - started < 5                 # did not wait for the 8 s answers
     fast = make_sim()
