@@ -201,9 +201,15 @@ def report(targets: tuple[Path, ...], output: Path | None, expected_column: str 
     """One offline HTML page on an output: throughput, latency, tokens and cost by model,
     finish reasons and errors. Several outputs (or a job file's model matrix): also side by
     side. Needs the report extra: pip install 'batcher[report]'."""
-    from batcher.commands import execute_report
+    from batcher.report.command import run_report
 
-    sys.exit(execute_report(list(targets), output, expected_column=expected_column))
+    try:
+        pages = run_report(list(targets), output, expected_column=expected_column)
+    except BatcherError as exc:
+        fail(exc, exc.exit_code)
+        return
+    for page in pages:
+        click.echo(page)
 
 
 @cli.group()

@@ -9,7 +9,7 @@ import shlex
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,13 +24,11 @@ from batcher.io.readers import ReaderOptions, iter_batches
 from batcher.jobfile import is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, configure_logging, get_logger
 from batcher.runner import MAX_PROBLEMS_LOGGED, Runner, RunSummary, write_summary
-from batcher.secrets import redact_argv, redactor
+from batcher.secrets import redact_argv
 from batcher.types import RequestContext, RequestRow
 
 _NOT_CONFIG = ("log_format", "no_progress", "no_report")
 T = TypeVar("T")
-REPORT_KEY_ENVS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
-"""Key variables whose values a report masks besides the job's own ``api_key_env``."""
 
 
 def _fail(exc: BaseException, code: int) -> int:
@@ -71,6 +69,8 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         if code in (2, 130, 143):
             break
     if len(reported) > 1:
+        from batcher.report import job_comparison_path
+
         _auto_report(reported, job_comparison_path(str(runs[0].values["job"]), reported),
                      runs[0].values)
     return worst
@@ -79,6 +79,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
 def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any]) -> bool:
     """A job run's report (a warning, not a failure, when it cannot be written)."""
     from batcher.report import report_path, write_report
+    from batcher.report.command import report_redactor
 
     if not all(o.exists() for o in outputs):
         return False
@@ -90,71 +91,6 @@ def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any])
         return False
     get_logger().info("report_written", path=str(target))
     return True
-
-
-def report_redactor(api_key_env: str | None) -> Callable[[str], str]:
-    """Masks, in every text a report repeats, the keys held by the environment variables a
-    job could have used (errors in an output were already redacted when written: this is
-    the second line)."""
-    names = dict.fromkeys([*([api_key_env] if api_key_env else []), *REPORT_KEY_ENVS])
-    masks = [redactor(os.environ.get(name, ""), {}) for name in names]
-
-    def redact(text: str) -> str:
-        for mask in masks:
-            text = mask(text)
-        return text
-
-    return redact
-
-
-def execute_report(targets: list[Path], dest: Path | None, *,
-                   expected_column: str | None) -> int:
-    """``batcher report``: one page per output (``OUT.report.html`` beside it, or ``dest``);
-    several outputs make one comparison page; a job file reports each of its outputs that
-    exists, and a matrix also gets a comparison page. Exit 0, or 2 (nothing to report, not
-    an output, the ``report`` extra missing)."""
-    from batcher.report import comparison_path, report_path, write_report
-
-    try:
-        pages: list[tuple[list[Path], Path]] = []
-        api_key_env: str | None = None
-        for target in targets:
-            if not is_job_file(target):
-                continue
-            runs = load_job(target, {})
-            api_key_env = runs[0].values.get("api_key_env")
-            found = [o for o in job_outputs(target) if o.exists()]
-            if not found:
-                raise ConfigError(f"{target}: none of its outputs exists yet (has it run?)")
-            pages += [([o], report_path(o)) for o in found]
-            if len(found) > 1:
-                pages.append((found, job_comparison_path(str(runs[0].values["job"]), found)))
-        outputs = [t for t in targets if not is_job_file(t)]
-        for output in outputs:
-            if not output.exists():
-                raise ConfigError(f"{output}: no such output")
-        if len(outputs) == 1:
-            pages.append((outputs, report_path(outputs[0])))
-        elif outputs:
-            pages.append((outputs, comparison_path(outputs)))
-        if dest is not None:
-            # One page, or one job file's comparison page (its outputs' own stay beside them).
-            if len(pages) > 1 and not (len(targets) == 1 and len(pages[-1][0]) > 1):
-                raise ConfigError("-o/--output names one page: give one output, several "
-                                  "outputs (one comparison page) or one job file")
-            pages[-1] = (pages[-1][0], dest)
-        redact = report_redactor(api_key_env)
-        for sources, page_path in pages:
-            write_report(sources, page_path, redact=redact, expected_column=expected_column)
-            print(page_path)
-    except BatcherError as exc:
-        return _fail(exc, exc.exit_code)
-    return 0
-
-
-def job_comparison_path(job: str, outputs: list[Path]) -> Path:
-    """A matrix's comparison page: ``JOB.comparison.report.html`` beside its first output."""
-    return outputs[0].with_name(f"{job}.comparison.report.html")
 
 
 def _execute_one(values: dict[str, Any], *, show_progress: bool,

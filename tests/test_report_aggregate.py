@@ -62,9 +62,13 @@ def test_latency_percentiles_interpolate_linearly() -> None:
 
 def test_latency_histogram_covers_every_value() -> None:
     rows = [row(i, i, latency_ms=float(v)) for i, v in enumerate([10, 20, 20, 30, 1000])]
-    bins = aggregate([batch(rows)]).latency.histogram(bins=4)
+    bins = aggregate([batch(rows)]).latency.histogram()
+    assert len(bins) == 40 and bins[0][0] == 0.0
+    # top = p99.5 = 30 + 0.98 * 970 = 980.6 ms: bins of 24.515 ms; 10 and 20 in the first,
+    # 30 in the second, the 1000 ms outlier clipped into the last
+    assert bins[0][1] == pytest.approx(24.515, rel=1e-4)
+    assert [c for _, _, c in bins[:2]] == [3, 1] and bins[-1][2] == 1
     assert sum(count for _, _, count in bins) == 5
-    assert bins[-1][2] >= 1  # the outlier lands in the last bin
 
 
 def test_exact_match_accuracy_per_model_with_an_expected_column() -> None:

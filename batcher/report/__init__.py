@@ -8,6 +8,7 @@ charts need the optional ``report`` extra (Altair and vl-convert); without it
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,14 +26,17 @@ class ReportExtraMissing(ConfigError):
 
 
 def require_extra() -> None:
-    """Raise :class:`ReportExtraMissing` unless Altair and vl-convert import."""
-    try:
-        import altair  # noqa: F401
-        import vl_convert  # noqa: F401
-    except ImportError as exc:
-        raise ReportExtraMissing(
-            f"the run report needs Altair and vl-convert ({exc.name} is missing): "
-            f"{INSTALL_HINT}") from exc
+    """Raise :class:`ReportExtraMissing` unless Altair and vl-convert are installed. Checked
+    without importing them (they are loaded only to render, after the outputs are read, so
+    their memory does not add to the reading's)."""
+    for module in ("altair", "vl_convert"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            found = False
+        if not found:
+            raise ReportExtraMissing(f"the run report needs Altair and vl-convert ({module} "
+                                     f"is not installed): {INSTALL_HINT}")
 
 
 def _stem(output: Path) -> str:
@@ -48,6 +52,11 @@ def report_path(output: Path) -> Path:
 def comparison_path(outputs: Sequence[Path]) -> Path:
     """Where a comparison of several outputs goes by default: beside the first one."""
     return outputs[0].with_name(_stem(outputs[0]) + ".comparison.report.html")
+
+
+def job_comparison_path(job: str, outputs: Sequence[Path]) -> Path:
+    """A job matrix's comparison page: ``JOB.comparison.report.html`` beside its first output."""
+    return outputs[0].with_name(f"{job}.comparison.report.html")
 
 
 def read_summary(output: Path) -> dict[str, Any] | None:
@@ -68,14 +77,16 @@ def write_report(outputs: Sequence[Path], dest: Path, *, redact: Callable[[str],
     """
     require_extra()
     from batcher.report.aggregate import aggregate_output
-    from batcher.report.render import Section, page
 
-    sections = []
+    found = []
     for output in outputs:
         summary = read_summary(output)
         label = _stem(output)
-        sections.append(Section(label=label, output=str(output), summary=summary,
-                                stats=aggregate_output(output, expected_column)))
+        found.append((label, str(output), summary, aggregate_output(output, expected_column)))
+    from batcher.report.render import Section, page
+
+    sections = [Section(label=label, output=where, summary=summary, stats=stats)
+                for label, where, summary, stats in found]
     if title is None:
         job = next((s.summary.get("job") for s in sections if s.summary and
                     s.summary.get("job")), None)

@@ -3,7 +3,8 @@
 :func:`aggregate` folds Arrow record batches (only the :func:`needed_columns`) into one
 :class:`OutputStats`; :func:`aggregate_output` streams them from a Parquet output. Nothing is
 kept per row except the latency and time-to-first-token values (float32, 4 bytes a row, so a
-10M-row output holds 40 MB of them), which exact percentiles need.
+10M-row output holds 40 MB of each), which exact percentiles need; they are summarised and
+dropped before :func:`aggregate` returns.
 
 Definitions (the report prints them, the tests compute them by hand):
 
@@ -31,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import ConfigError, InputError
+from batcher.io.writer import release_memory
 from batcher.spend import Spend
 
 BUCKET_S = 10
@@ -45,7 +47,8 @@ UNKNOWN_MODEL = "(unknown)"
 _BASE_COLUMNS = ("status", "model", "finish_reason", "error_type", "error", "id", "http_status",
                  "latency_ms", "ttft_ms", "attempts", "prompt_tokens", "completion_tokens",
                  "cost_usd", "completed_at")
-_READ_BATCH_ROWS = 65_536
+_READ_BATCH_ROWS = 16_384
+"""Rows per batch read: small enough that a batch of every needed column stays a few MB."""
 
 
 if TYPE_CHECKING:
@@ -66,38 +69,63 @@ class Percentiles:
     mean: float | None
 
 
+_KEPT = pa.system_memory_pool()
+
+Histogram = list[tuple[float, float, int]]
+"""(start, end, count) per bin."""
+
+HISTOGRAM_BINS = 40
+
+
 @dataclass(slots=True)
 class Distribution:
-    """Values collected batch by batch (float32), summarised at the end."""
+    """Values collected batch by batch (float32), summarised once at the end: :meth:`freeze`
+    keeps the percentiles and the histogram and lets the values go."""
 
     chunks: list[Arr] = field(default_factory=list)
+    frozen: tuple[Percentiles, Histogram] | None = None
 
     def add(self, values: Arr) -> None:
         values = _a(pc.drop_null(values))
         if len(values):
-            self.chunks.append(values.cast(pa.float32()))
+            # Kept values come from malloc, the batch's temporaries from Arrow's pool: kept
+            # chunks scattered among freed pages would otherwise pin them (~60 MB at 10M rows).
+            self.chunks.append(_a(pc.cast(values, pa.float32(), memory_pool=_KEPT)))
 
-    def values(self) -> Arr:
-        return _a(pa.concat_arrays(self.chunks)) if self.chunks else _a(pa.array([], pa.float32()))
+    def values(self) -> pa.ChunkedArray[Any]:
+        return pa.chunked_array(self.chunks, type=pa.float32())
+
+    def freeze(self) -> None:
+        """Compute the summaries and drop the values (idempotent)."""
+        if self.frozen is None:
+            values = self.values()
+            self.frozen = (percentiles(values), _histogram(values, HISTOGRAM_BINS))
+            self.chunks = []
 
     def percentiles(self) -> Percentiles:
-        return percentiles(self.values())
+        return self.frozen[0] if self.frozen else percentiles(self.values())
 
-    def histogram(self, bins: int = 40) -> list[tuple[float, float, int]]:
-        """(start, end, count) of ``bins`` equal bins from 0 to the 99.5th percentile; values
-        past it are counted in the last bin (so one outlier does not squash the picture)."""
-        values = self.values()
-        if not len(values):
-            return []
-        top = _quantiles(values, [0.995])[0]
-        if top <= 0:
-            top = max(float(cast(float, pc.max(values).as_py()) or 0.0), 1.0)
-        width = top / bins
+    def histogram(self) -> Histogram:
+        """:data:`HISTOGRAM_BINS` equal bins from 0 to the 99.5th percentile; values past it
+        are counted in the last bin (so one outlier does not squash the picture)."""
+        return self.frozen[1] if self.frozen else _histogram(self.values(), HISTOGRAM_BINS)
+
+
+def _histogram(values: pa.ChunkedArray[Any], bins: int) -> Histogram:
+    """Counted chunk by chunk: temporaries stay the size of one batch, not of the output."""
+    if not len(values):
+        return []
+    top = _quantiles(values, [0.995])[0]
+    if top <= 0:
+        top = max(float(cast(Any, pc.max(values)).as_py() or 0.0), 1.0)
+    width = top / bins
+    counts: Counter[str] = Counter()
+    for chunk in values.chunks:
         index = pc.min_element_wise(
-            pc.cast(pc.floor(pc.divide(values, pa.scalar(width))), pa.int64()),
+            pc.cast(pc.floor(pc.divide(chunk, pa.scalar(width, pa.float32()))), pa.int64()),
             pa.scalar(bins - 1, pa.int64()))
-        counts = _counts(_a(index))
-        return [(i * width, (i + 1) * width, counts.get(str(i), 0)) for i in range(bins)]
+        counts.update(_counts(_a(index)))
+    return [(i * width, (i + 1) * width, counts[str(i)]) for i in range(bins)]
 
 
 @dataclass(slots=True)
@@ -162,16 +190,30 @@ class OutputStats:
     ttft: Distribution = field(default_factory=Distribution)
     spend: Spend = field(default_factory=Spend)
     expected_column: str | None = None
+    _latency: Distribution | None = None
 
     @property
     def latency(self) -> Distribution:
         """Every model's latencies together (the values are not held twice)."""
+        if self._latency is not None:
+            return self._latency
         return Distribution([c for m in self.models.values() for c in m.latency.chunks])
 
+    def freeze(self) -> None:
+        """Summarise every distribution and drop their values (what :func:`aggregate` hands
+        back: figures only, a few kB whatever the output's size)."""
+        if self._latency is None:
+            self._latency = self.latency
+            self._latency.freeze()
+        for m in self.models.values():
+            m.latency.freeze()
+        self.ttft.freeze()
 
-def percentiles(values: Arr) -> Percentiles:
+
+def percentiles(values: Arr | pa.ChunkedArray[Any]) -> Percentiles:
     """p50/p90/p99 and the mean of the non-null ``values`` (linear interpolation)."""
-    values = _a(pc.drop_null(values))
+    if values.null_count:
+        values = pc.drop_null(values)
     if not len(values):
         return Percentiles(0, None, None, None, None)
     p50, p90, p99 = _quantiles(values, [0.5, 0.9, 0.99])
@@ -202,7 +244,8 @@ def resolve_expected_column(schema: pa.Schema, requested: str | None) -> str | N
 def aggregate_output(path: Path, expected_column: str | None = None) -> OutputStats:
     """Aggregate the Parquet output at ``path``, reading only the needed columns in batches."""
     try:
-        file = pq.ParquetFile(path)
+        # Read column chunks as they are decoded, not whole row groups ahead (~50 MB less).
+        file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(str(path), f"not a readable Parquet output ({exc})") from exc
     with file:
@@ -210,9 +253,13 @@ def aggregate_output(path: Path, expected_column: str | None = None) -> OutputSt
         if "status" not in schema.names:
             raise InputError(str(path), "not a batcher output (no 'status' column)")
         expected = resolve_expected_column(schema, expected_column)
-        batches = file.iter_batches(batch_size=_READ_BATCH_ROWS,
+        batches = file.iter_batches(batch_size=_READ_BATCH_ROWS, use_threads=False,
                                     columns=needed_columns(schema, expected))
-        return aggregate(batches, expected_column=expected)
+        stats = aggregate(batches, expected_column=expected)
+    # The read buffers are freed but kept mapped by the allocators: hand them back, so that
+    # rendering (a V8 runtime of its own) does not stack on the reading's high-water mark.
+    release_memory()
+    return stats
 
 
 def aggregate(batches: Iterable[pa.RecordBatch], *, expected_column: str | None = None
@@ -223,6 +270,7 @@ def aggregate(batches: Iterable[pa.RecordBatch], *, expected_column: str | None 
     for batch in batches:
         if batch.num_rows:
             _add_batch(stats, _Columns(batch, expected_column))
+    stats.freeze()
     return stats
 
 
@@ -382,7 +430,7 @@ def _fill(values: Arr, value: str | int | bool) -> Arr:
     return _a(pc.fill_null(values, pa.scalar(value, values.type)))
 
 
-def _quantiles(values: Arr, qs: list[float]) -> list[float]:
+def _quantiles(values: Arr | pa.ChunkedArray[Any], qs: list[float]) -> list[float]:
     found = cast(Any, pc.quantile)(values, q=qs).to_pylist()
     return [float(v) for v in found]
 

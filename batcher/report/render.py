@@ -187,8 +187,8 @@ def _section(section: Section, index: int, redact: Redact) -> str:
     parts.append(f"<p>Latency (the answering send, on the wire): p50 {_ms(p.p50)}, p90 "
                  f"{_ms(p.p90)}, p99 {_ms(p.p99)} over {p.count:,} rows.</p>")
     parts.append(_figure(charts.histogram(lat, key + "latency", "Latency")))
-    if ttft.chunks:
-        t = ttft.percentiles()
+    t = ttft.percentiles()
+    if t.count:
         parts.append(f"<p>Time to first token (streamed): p50 {_ms(t.p50)}, p90 {_ms(t.p90)}, "
                      f"p99 {_ms(t.p99)} over {t.count:,} rows.</p>")
         parts.append(_figure(charts.histogram(ttft, key + "ttft", "Time to first token")))
