@@ -155,3 +155,38 @@ def test_report_without_the_extra_names_the_install_command(
     assert result.exit_code == 2
     assert "pip install 'batcher[report]'" in result.stderr
     assert not (tmp_path / "o.report.html").exists()
+
+
+def test_an_interrupted_run_shows_its_outcome_and_resume_command(tmp_path: Path) -> None:
+    key = "sk-live-abcdef0123456789"
+    out = _output_with_error(tmp_path / "o.parquet", "boom")
+    (tmp_path / "o.summary.json").write_text(json.dumps({
+        "job": "nightly", "input": "in.jsonl", "started_at": "2026-03-01T08:00:00.000Z",
+        "finished_at": "2026-03-01T08:10:00.000Z", "duration_s": 600.0,
+        "outcome": "interrupted", "exit_code": 130, "message": None, "skipped": 2,
+        "resumed": 10, "sent_this_run": 5,
+        "resume_command": f"batcher run in.jsonl -o o.parquet --header 'X-Key: {key}'"}))
+    result = run_cli("report", out, env={"OPENAI_API_KEY": key})
+    assert result.exit_code == 0, result.stderr
+    page = (tmp_path / "o.report.html").read_text()
+    assert "Run report: nightly" in page and "interrupted (exit 130)" in page
+    assert "2 bad input rows skipped" in page and "600.0 s" in page
+    assert "Resume with:" in page and "X-Key: ***" in page and key not in page
+
+
+def test_hostile_labels_are_escaped_and_masked_in_charts_too(tmp_path: Path) -> None:
+    key = "sk-in-a-model-name-0123456789"
+    fields = [f for f in RESULT_SCHEMA if f.name != "embedding"]
+    rows = [{"id": "<i>1</i>", "status": "ok", "model": "<script>alert(1)</script>",
+             "finish_reason": "<b>stop</b>", "latency_ms": 5.0},
+            {"id": "2", "status": "ok", "model": f"m-{key}", "latency_ms": 7.0},
+            {"id": "3", "status": "error", "error_type": "</svg><script>x</script>",
+             "error": "e", "model": "m"}]
+    out = tmp_path / "o.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), out)
+    result = run_cli("report", out, env={"OPENAI_API_KEY": key})
+    assert result.exit_code == 0, result.stderr
+    page = (tmp_path / "o.report.html").read_text()
+    assert_offline(page)
+    assert key not in page and "m-***" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -1,7 +1,8 @@
 """The report's HTML: one self-contained page (inline CSS and SVG, no script, no external URL).
 
 Every text that comes from an output or a summary (error messages, ids, the resume command) is
-passed through the caller's redactor and HTML-escaped here, once.
+passed through the caller's redactor and HTML-escaped here; the finished page, SVG included,
+goes through the redactor once more.
 """
 
 from __future__ import annotations
@@ -255,9 +256,12 @@ def page(sections: Sequence[Section], *, title: str, redact: Redact) -> str:
             f"{len(sections)} output{'s' if len(sections) != 1 else ''}</p>",
             _comparison(sections)]
     body += [_section(s, i, redact) for i, s in enumerate(sections)]
-    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+    text = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             # An empty inline icon: otherwise a browser fetches /favicon.ico beside the page.
             "<link rel=\"icon\" href=\"data:,\">"
             f"<title>{_e(redact(title))}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")
+    # Once more over the whole page: chart labels (model names, error types) are drawn into
+    # the SVG by the renderer, not by this module.
+    return redact(text)
