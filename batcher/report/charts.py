@@ -113,27 +113,30 @@ def histogram(dist: Distribution, name: str, what: str) -> Chart | None:
 
 
 def bars(name: str, title: str, values: Sequence[tuple[str, float]], *, x_title: str,
-         color: str = "#4c78a8", fmt: str = ",.0f") -> Chart | None:
-    """A horizontal bar per label, labelled with its value."""
+         color: str = "#4c78a8", fmt: str = ",.0f", x_max: float | None = None) -> Chart | None:
+    """A horizontal bar per label, labelled with its value; ``x_max`` fixes the scale's end
+    (shares: 1.0, so an all-zero chart still has an axis)."""
     if not values:
         return None
     data = _data([{"label": k, "value": v} for k, v in values])
+    scale = alt.Scale(domain=[0, x_max]) if x_max is not None else alt.Scale()
     base = alt.Chart(data).encode(y=alt.Y("label:N", sort="-x", title=None),
-                                  x=alt.X("value:Q", title=x_title))
+                                  x=alt.X("value:Q", title=x_title, scale=scale))
     chart = alt.layer(base.mark_bar(color=color),
                       base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q",
                                                                               format=fmt)))
     height = max(40, 22 * len(values))
-    return render(name, title, chart.properties(width=WIDTH - 160, height=height))
+    return render(name, title, chart.properties(width=WIDTH - 200, height=height))
 
 
 def grouped_bars(name: str, title: str, values: Sequence[tuple[str, str, float]], *,
                  x_title: str) -> Chart | None:
-    """Bars per (label, series), series stacked side by side under each label."""
+    """Horizontal bars per (label, series): one band per label, its series side by side in it."""
     if not values:
         return None
     data = _data([{"label": k, "series": s, "value": v} for k, s, v in values])
     chart = alt.Chart(data).mark_bar().encode(
-        y=alt.Y("series:N", title=None), x=alt.X("value:Q", title=x_title),
-        color=alt.Color("series:N", title=None), row=alt.Row("label:N", title=None))
-    return render(name, title, chart.properties(width=WIDTH - 220))
+        y=alt.Y("label:N", title=None, sort=None), yOffset=alt.YOffset("series:N"),
+        x=alt.X("value:Q", title=x_title), color=alt.Color("series:N", title=None))
+    height = max(40, 14 * len(values) + 8 * len({k for k, _, _ in values}))
+    return render(name, title, chart.properties(width=WIDTH - 200, height=height))

@@ -39,7 +39,7 @@ max-width:980px;color:#222;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:15px;margin:20px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px}td,th{padding:3px 10px;border-bottom:1px solid #eee;
-text-align:left;vertical-align:top}th{background:#f6f6f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
+text-align:left;vertical-align:top}th{background:#f6f6f6}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 figure{margin:10px 0 18px}figcaption{color:#555;font-size:13px;margin-bottom:4px}
 figure svg{max-width:100%;height:auto}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f6f6f6}
@@ -220,9 +220,10 @@ def _comparison(sections: Sequence[Section]) -> str:
     if len(rows) < 2:
         return ""
     several = len(sections) > 1
+    unique = len({m for _, m in rows}) == len(rows)  # a matrix: each output one model
 
     def label(s: Section, model: str) -> str:
-        return f"{s.label} · {model}" if several else model
+        return model if unique else f"{s.label} · {model}"
 
     head, body, numeric = model_rows(sections, with_output=several)
     parts = ["<h2>Side by side</h2>", _table(head, body, numeric)]
@@ -232,7 +233,8 @@ def _comparison(sections: Sequence[Section]) -> str:
                                              x_title="ms")))
     errors = [(label(s, m), s.stats.models[m].error_rate or 0.0) for s, m in rows]
     parts.append(_figure(charts.bars("compare-errors", "Error rate by model", errors,
-                                     x_title="share of rows", color="#d62728", fmt=".1%")))
+                                     x_title="share of rows", color="#d62728", fmt=".1%",
+                                     x_max=max(0.01, *(v for _, v in errors)))))
     accuracy = [(label(s, m), acc) for s, m in rows
                 if (acc := s.stats.models[m].accuracy) is not None]
     if accuracy:
@@ -240,7 +242,7 @@ def _comparison(sections: Sequence[Section]) -> str:
         parts.append(_figure(charts.bars("compare-accuracy",
                                          f"Exact match with '{column}' (whitespace trimmed)",
                                          accuracy, x_title="share of rows", color="#2ca02c",
-                                         fmt=".1%")))
+                                         fmt=".1%", x_max=1.0)))
     return "".join(parts)
 
 
