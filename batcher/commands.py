@@ -79,9 +79,10 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
 def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any]) -> bool:
     """A job run's report (a warning, not a failure, when it cannot be written)."""
     from batcher.report import report_path, write_report
+    from batcher.report.aggregate import has_results
     from batcher.report.command import report_redactor
 
-    if not all(o.exists() for o in outputs):
+    if not all(has_results(o) for o in outputs):
         return False
     target = dest or report_path(outputs[0])
     try:

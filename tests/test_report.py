@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -190,3 +191,20 @@ def test_hostile_labels_are_escaped_and_masked_in_charts_too(tmp_path: Path) -> 
     assert_offline(page)
     assert key not in page and "m-***" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_report_on_a_run_stopped_by_its_budget_reads_the_state(
+        tmp_path: Path, sim: SimulatorThread) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", eval_rows(200))
+    out = tmp_path / "o.parquet"
+    ran = run_cli("run", src, "-o", out, "--base-url", sim.base_url, "--model", "gpt-4o-mini",
+                  "--max-cost", "0.004", "--concurrency", "1", "--no-progress")
+    assert ran.exit_code == 3, ran.stderr
+    assert not out.exists()  # the answers so far are in o.parquet.state/
+    result = run_cli("report", out)
+    assert result.exit_code == 0, result.stderr
+    page = (tmp_path / "o.report.html").read_text()
+    summary = json.loads((tmp_path / "o.summary.json").read_text())
+    assert summary["ok"] > 0 and f"{summary['ok']:,} ok, 0 error" in page
+    assert "aborted (exit 3): budget reached" in page
+    assert "Resume with:" in page and html.escape(summary["resume_command"]) in page

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from batcher.errors import ConfigError
@@ -144,3 +146,37 @@ def test_missing_columns_read_as_null() -> None:
     stats = aggregate([old])
     assert (stats.rows, stats.ok, stats.error, stats.buckets) == (2, 1, 1, {})
     assert stats.latency.percentiles().count == 0
+
+
+def test_answers_still_in_the_state_count_once_per_id_latest_winning(tmp_path: Path) -> None:
+    from batcher.checkpoint import state_dir_for
+    from batcher.io.writer import encode_records, result_to_record
+    from batcher.report.aggregate import aggregate_output, has_results
+    from batcher.types import ResultRow
+
+    def table(rows: list[dict[str, Any]]) -> pa.Table:
+        return pa.Table.from_batches([batch(rows)])
+
+    out = tmp_path / "out.parquet"
+    state = state_dir_for(out)
+    state.mkdir()
+    assert not has_results(out)
+    # an earlier run's output: r1 failed, r2 answered
+    pq.write_table(table([row(1, 0, status="error", error_type="timeout"), row(2, 1)]), out)
+    # this run's compacted part: r1 retried and answered
+    pq.write_table(table([row(1, 2)]), state / "part-000001.parquet")
+    # and its live journal: r3 answered, then r2 sent again and failed (--retry-failed would
+    # not, but the latest result is what the output will hold)
+    late = [ResultRow(id="r3", status="ok", model="m1", latency_ms=5.0,
+                      completed_at="2026-01-01T12:00:03.000Z"),
+            ResultRow(id="r2", status="error", error_type="server_error", model="m1",
+                      completed_at="2026-01-01T12:00:04.000Z")]
+    (state / "journal-000002.jsonl").write_bytes(encode_records(map(result_to_record, late)))
+    stats = aggregate_output(out)
+    assert (stats.rows, stats.ok, stats.error) == (3, 2, 1)
+    assert stats.error_types == {"server_error": 1}
+    assert has_results(out)
+    out.unlink()  # interrupted before any output existed: the state alone
+    alone = aggregate_output(out)
+    assert (alone.rows, alone.ok, alone.error) == (3, 2, 1)  # r1 from the part, r2 and r3
+    assert alone.models["m1"].latency.percentiles().count == 1  # only r3 carries a latency

@@ -21,8 +21,9 @@ Definitions (the report prints them, the tests compute them by hand):
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
@@ -31,8 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batcher.checkpoint import unmerged_sources
 from batcher.errors import ConfigError, InputError
-from batcher.io.writer import release_memory
+from batcher.io.writer import iter_journal, records_to_table, release_memory, superseded_masks
 from batcher.spend import Spend
 
 BUCKET_S = 10
@@ -241,25 +243,103 @@ def resolve_expected_column(schema: pa.Schema, requested: str | None) -> str | N
     return DEFAULT_EXPECTED_COLUMN if DEFAULT_EXPECTED_COLUMN in schema.names else None
 
 
+def has_results(output: Path) -> bool:
+    """True when there is something to report on: the output, or answers in its state."""
+    return output.is_file() or bool(unmerged_sources(output))
+
+
 def aggregate_output(path: Path, expected_column: str | None = None) -> OutputStats:
-    """Aggregate the Parquet output at ``path``, reading only the needed columns in batches."""
-    try:
-        # Read column chunks as they are decoded, not whole row groups ahead (~50 MB less).
-        file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise InputError(str(path), f"not a readable Parquet output ({exc})") from exc
-    with file:
-        schema = file.schema_arrow
-        if "status" not in schema.names:
-            raise InputError(str(path), "not a batcher output (no 'status' column)")
-        expected = resolve_expected_column(schema, expected_column)
-        batches = file.iter_batches(batch_size=_READ_BATCH_ROWS, use_threads=False,
-                                    columns=needed_columns(schema, expected))
-        stats = aggregate(batches, expected_column=expected)
+    """Aggregate the results of the job writing ``path``, reading only the needed columns in
+    batches: the Parquet output, plus, mid-run or after an interrupt, the answers still in its
+    state folder (the latest row per id winning, as the final output will have it)."""
+    if not has_results(path):
+        raise InputError(str(path), "no such output, and no answers in its state folder")
+    for attempt in range(5):
+        try:
+            stats = _aggregate_sources(path, unmerged_sources(path), expected_column)
+            break
+        except FileNotFoundError:
+            # A live run compacted or merged a file under us: list the sources again.
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
     # The read buffers are freed but kept mapped by the allocators: hand them back, so that
     # rendering (a V8 runtime of its own) does not stack on the reading's high-water mark.
     release_memory()
     return stats
+
+
+class _Source:
+    """One file of results: the output or a part (Parquet, read in batches) or a journal
+    (JSONL, small: it holds at most one compaction's rows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: pq.ParquetFile | None = None
+        self.table: pa.Table | None = None
+        try:
+            if path.suffix == ".jsonl":
+                self.table = records_to_table(iter_journal(path))
+                self.schema = self.table.schema
+            else:
+                # Column chunks read as decoded, not whole row groups ahead (~50 MB less).
+                self.file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+                self.schema = self.file.schema_arrow
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(str(path), f"not a readable Parquet output ({exc})") from exc
+        if "status" not in self.schema.names or "id" not in self.schema.names:
+            raise InputError(str(path), "not a batcher output (no 'id'/'status' column)")
+
+    def ids(self) -> pa.ChunkedArray[Any]:
+        if self.table is not None:
+            return self.table.column("id")
+        assert self.file is not None
+        return self.file.read(columns=["id"]).column("id")
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        wanted = [c for c in columns if c in self.schema.names]
+        if self.table is not None:
+            yield from self.table.select(wanted).to_batches(max_chunksize=_READ_BATCH_ROWS)
+            return
+        assert self.file is not None
+        yield from self.file.iter_batches(batch_size=_READ_BATCH_ROWS, use_threads=False,
+                                          columns=wanted)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _aggregate_sources(output: Path, unmerged: list[Path], expected_column: str | None
+                       ) -> OutputStats:
+    paths = ([output] if output.is_file() or not unmerged else []) + unmerged
+    sources: list[_Source] = []
+    try:
+        for path in paths:
+            sources.append(_Source(path))
+        names = list(dict.fromkeys(n for s in sources for n in s.schema.names))
+        expected = resolve_expected_column(pa.schema([(n, pa.string()) for n in names]),
+                                           expected_column)
+        columns = needed_columns(pa.schema([(n, pa.string()) for n in names]), expected)
+        # One source (the finished case): every id once, nothing to mask.
+        masks = superseded_masks([s.ids() for s in sources]) if len(sources) > 1 else [None]
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for source, mask in zip(sources, masks, strict=True):
+                offset = 0
+                for batch in source.batches(columns):
+                    rows = batch.num_rows
+                    if mask is not None:  # drop the rows a later result of the same id replaced
+                        batch = batch.filter(mask.slice(offset, rows))
+                    offset += rows
+                    yield batch
+
+        return aggregate(batches(), expected_column=expected)
+    finally:
+        for source in sources:
+            source.close()
 
 
 def aggregate(batches: Iterable[pa.RecordBatch], *, expected_column: str | None = None

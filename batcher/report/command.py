@@ -13,6 +13,7 @@ from pathlib import Path
 from batcher.errors import ConfigError
 from batcher.jobfile import is_job_file, job_outputs, load_job
 from batcher.report import comparison_path, job_comparison_path, report_path, write_report
+from batcher.report.aggregate import has_results
 from batcher.secrets import redactor
 
 REPORT_KEY_ENVS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
@@ -52,7 +53,7 @@ def plan_pages(targets: list[Path], dest: Path | None) -> tuple[list[Page], str 
             continue
         runs = load_job(target, {})
         api_key_env = runs[0].values.get("api_key_env")
-        found = [o for o in job_outputs(target) if o.exists()]
+        found = [o for o in job_outputs(target) if has_results(o)]
         if not found:
             raise ConfigError(f"{target}: none of its outputs exists yet (has it run?)")
         pages += [([o], report_path(o)) for o in found]
@@ -60,8 +61,8 @@ def plan_pages(targets: list[Path], dest: Path | None) -> tuple[list[Page], str 
             pages.append((found, job_comparison_path(str(runs[0].values["job"]), found)))
     outputs = [t for t in targets if not is_job_file(t)]
     for output in outputs:
-        if not output.exists():
-            raise ConfigError(f"{output}: no such output")
+        if not has_results(output):
+            raise ConfigError(f"{output}: no such output, and no answers in its state folder")
     if len(outputs) == 1:
         pages.append((outputs, report_path(outputs[0])))
     elif outputs:
