@@ -1,7 +1,8 @@
 """The run report's figures, aggregated from an output's record batches: pure, typed, flat in memory.
 
-:func:`aggregate` folds Arrow record batches (only the :func:`needed_columns`) into one
-:class:`OutputStats`; :func:`aggregate_output` streams them from a Parquet output. Nothing is
+:func:`aggregate` (pure) folds Arrow record batches (only the :func:`needed_columns`) into one
+:class:`OutputStats`; :func:`aggregate_output` streams them from a Parquet output and, for a
+run that has not finished, from the answers still in its state folder. Nothing is
 kept per row except the latency and time-to-first-token values (float32, 4 bytes a row, so a
 10M-row output holds 40 MB of each), which exact percentiles need; they are summarised and
 dropped before :func:`aggregate` returns.
@@ -10,7 +11,8 @@ Definitions (the report prints them, the tests compute them by hand):
 
 - throughput: rows per 10 s bucket of ``completed_at``, buckets aligned to the epoch
   (``floor(ms / 10000) * 10``); a bucket's rate is its rows / 10 s. Retries are the attempts past
-  the first of the rows finished in it; rate-limited are its rows that ended on a 429.
+  the first of the rows finished in it; rate-limited are its rows that ended on a 429 (a 429
+  answered in between is not an attempt and leaves no trace in the output).
 - percentiles: linear interpolation between order statistics (numpy's default), over the
   non-null values; error rows have a latency too when a send was answered.
 - exact match: the output with surrounding whitespace trimmed equals the expected value (as
