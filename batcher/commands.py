@@ -64,7 +64,9 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         wants_report = report and not run_values.pop("no_report", False)
         code = _execute_one(run_values, show_progress=show_progress and not quiet, argv=argv)
         worst = max(worst, code)
-        if wants_report and _auto_report([Path(run_values["output"])], None, run_values):
+        # Not after a usage error: whatever output is there is not this run's.
+        if wants_report and code != 2 and _auto_report([Path(run_values["output"])], None,
+                                                       run_values):
             reported.append(Path(run_values["output"]))
         if code in (2, 130, 143):
             break
