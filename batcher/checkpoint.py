@@ -97,13 +97,14 @@ from batcher.state.record import (
     input_fingerprint,
     set_aside,
     state_dir_for,
+    unmerged_sources,
 )
 from batcher.state.status import status
 from batcher.types import JSON, ResultRow
 
 __all__ = [
     "DEFAULT_COMPACT_EVERY", "Counters", "StateStore", "ensure_output_folder",
-    "fingerprint_diff", "input_fingerprint", "state_dir_for", "status",
+    "fingerprint_diff", "input_fingerprint", "state_dir_for", "status", "unmerged_sources",
 ]
 
 

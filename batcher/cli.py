@@ -141,8 +141,10 @@ def cli() -> None:
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
+@click.option("--no-report", is_flag=True,
+              help="Job files: don't write NAME.report.html beside the summary.")
 def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_json: bool,
-        **kwargs: Any) -> None:
+        no_report: bool, **kwargs: Any) -> None:
     """Run every row of INPUT (.jsonl, .jsonl.gz, .parquet, a folder of .parquet, or a job
     file .toml) and write one answer per row to OUTPUT.
 
@@ -155,7 +157,8 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
     if dry_run:
         sys.exit(execute_estimate(input, values, as_json=as_json, sample=None))
     sys.exit(execute_run(input, output, values, show_progress=not no_progress,
-                         argv=_own_argv(["run", str(input), "-o", str(output)])))
+                         argv=_own_argv(["run", str(input), "-o", str(output)]),
+                         report=not no_report))
 
 
 @cli.command()
@@ -179,6 +182,29 @@ def status(output: Path, as_json: bool) -> None:
     from batcher.commands import execute_status
 
     sys.exit(execute_status(output, as_json=as_json))
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="OUTPUT.parquet|JOB.toml...",
+                type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="The page to write [default: OUTPUT.report.html beside the output].")
+@click.option("--expected-column", metavar="NAME",
+              help="Column holding the expected answer, for exact-match accuracy "
+                   "[default: 'expected' when the output has it].")
+def report(targets: tuple[Path, ...], output: Path | None, expected_column: str | None) -> None:
+    """One offline HTML page on an output: throughput, latency, tokens and cost by model,
+    finish reasons and errors. Several outputs (or a job file's model matrix): also side by
+    side. Needs the report extra: pip install 'batcher[report]'."""
+    from batcher.report.command import run_report
+
+    try:
+        pages = run_report(list(targets), output, expected_column=expected_column)
+    except BatcherError as exc:
+        fail(exc, exc.exit_code)
+        return
+    for page in pages:
+        click.echo(page)
 
 
 @cli.group()

@@ -37,10 +37,12 @@ def _build_config(values: dict[str, Any]) -> RunConfig:
 
 
 def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
-                show_progress: bool, argv: list[str] | None = None) -> int:
+                show_progress: bool, argv: list[str] | None = None, report: bool = True) -> int:
     """``batcher run``: one job, or every run of a job file's model matrix. Returns the exit
     code PRODUCT.md defines; for a matrix the worst one (a usage error or an interrupt stops
-    the matrix at once)."""
+    the matrix at once). A job file's runs each write ``NAME.report.html`` beside their
+    summary (and a matrix a comparison page) unless ``report`` is False or the job file says
+    ``no_report = true``; a report that cannot be written is a warning, never the exit code."""
     if not is_job_file(input):
         return _execute_one({**values, "input": input, "output": output},
                             show_progress=show_progress, argv=argv)
@@ -49,14 +51,43 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
     except BatcherError as exc:
         return fail(exc, exc.exit_code)
     worst = 0
+    reported: list[Path] = []
     for job_run in runs:
         run_values = {**job_run.values, "prices": job_run.prices or None}
         quiet = bool(run_values.pop("no_progress", False))
+        wants_report = report and not run_values.pop("no_report", False)
         code = _execute_one(run_values, show_progress=show_progress and not quiet, argv=argv)
         worst = max(worst, code)
+        # Not after a usage error: whatever output is there is not this run's.
+        if wants_report and code != 2 and _auto_report([Path(run_values["output"])], None,
+                                                       run_values):
+            reported.append(Path(run_values["output"]))
         if code in (2, 130, 143):
             break
+    if len(reported) > 1:
+        from batcher.report import job_comparison_path
+
+        _auto_report(reported, job_comparison_path(str(runs[0].values["job"]), reported),
+                     runs[0].values)
     return worst
+
+
+def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any]) -> bool:
+    """A job run's report (a warning, not a failure, when it cannot be written)."""
+    from batcher.report import report_path, write_report
+    from batcher.report.aggregate import has_results
+    from batcher.report.command import report_redactor
+
+    if not all(has_results(o) for o in outputs):
+        return False
+    target = dest or report_path(outputs[0])
+    try:
+        write_report(outputs, target, redact=report_redactor(values.get("api_key_env")))
+    except (BatcherError, OSError) as exc:
+        get_logger().warning("report_not_written", path=str(target), reason=str(exc))
+        return False
+    get_logger().info("report_written", path=str(target))
+    return True
 
 
 def _execute_one(values: dict[str, Any], *, show_progress: bool,

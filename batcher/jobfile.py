@@ -21,7 +21,7 @@ from batcher.errors import ConfigError
 JOB_ONLY_KEYS = ("input", "output", "models", "params", "prices", "headers", "name")
 """Keys a job file may hold beyond the ``run`` options (``input``/``output`` are both)."""
 
-CLI_ONLY_KEYS = ("log_format", "no_progress")
+CLI_ONLY_KEYS = ("log_format", "no_progress", "no_report")
 """``run`` options that are not part of :class:`RunConfig`; passed through in ``values``."""
 
 PRICE_KEYS = ("input", "output", "cached_input")
@@ -60,7 +60,7 @@ class JobRun:
     """One run of a job: one model of a matrix, or the whole job when it has no matrix.
 
     ``values`` is ready for :func:`batcher.config.make_config` once the CLI-only keys
-    (``log_format``, ``no_progress``) are taken out: keys are RunConfig field names,
+    (``log_format``, ``no_progress``, ``no_report``) are taken out: keys are RunConfig field names,
     ``input``/``output`` are absolute paths with the output template filled, ``job`` is the
     job's name, ``params`` and ``headers`` are the file's tables with the command line's on top.
     ``prices`` is the file's ``[prices]`` table: model → {input, output, cached_input} in USD
@@ -302,7 +302,7 @@ def _check_value(where: str, key: str, written: str, value: Any) -> Any:
             raise ConfigError(f"{where}: 'log_format' must be one of {', '.join(_LOG_FORMATS)}, "
                               f"got {value!r}")
         return value
-    if key == "no_progress":
+    if key in ("no_progress", "no_report"):
         return _expect(where, written, value, "bool")
     if key == "name":
         _expect(where, written, value, "string")

@@ -304,6 +304,20 @@ def _list_state(state: Path) -> _Files:
     return files
 
 
+def unmerged_sources(output: Path) -> list[Path]:
+    """The state's result files not yet merged into ``output``: its parts, and journals that
+    have no part of the same number, oldest first. After ``output`` itself (when it exists),
+    the latest row per id across them all is the job's current answer for that id, mid-run or
+    after an interrupt. Read-only; empty without a state folder. A live run may compact or
+    delete these files meanwhile: on FileNotFoundError, list again."""
+    state = state_dir_for(output)
+    if not state.is_dir():
+        return []
+    files = _list_state(state)
+    return [files.parts.get(seq) or files.journals[seq]
+            for seq in sorted(set(files.parts) | set(files.journals))]
+
+
 def _output_token(output: Path) -> str | None:
     try:
         return read_metadata(output).get(TOKEN_KEY)
