@@ -201,8 +201,7 @@ def report(targets: tuple[Path, ...], output: Path | None, expected_column: str 
     try:
         pages = run_report(list(targets), output, expected_column=expected_column)
     except BatcherError as exc:
-        fail(exc, exc.exit_code)
-        return
+        sys.exit(fail(exc, exc.exit_code))
     for page in pages:
         click.echo(page)
 
