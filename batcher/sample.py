@@ -37,24 +37,22 @@ import asyncio
 import math
 import random
 import statistics
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from batcher.config import RunConfig
+from batcher.engine import Prepared
+from batcher.engines.live import LiveEngine
 from batcher.errors import Aborted, ConfigError, InputError, JobFatal, ProviderError
 from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import iter_batches
-from batcher.limits import Throttle
-from batcher.log import get_logger
-from batcher.pool import Transport
 from batcher.pricing import Price, cost_usd, price_for
 from batcher.providers import provider_for_row
 from batcher.results import Failed, Sent
 from batcher.secrets import redactor
-from batcher.sender import Sender
 from batcher.tokens import request_input_tokens, request_max_output_tokens
-from batcher.types import Answer, HttpRequest, RequestContext, RequestRow
+from batcher.types import Answer, HttpRequest, RequestContext, RequestRow, ResultRow
 
 T = TypeVar("T")
 
@@ -213,59 +211,88 @@ def _measure(config: RunConfig, row: RequestRow, ctx: RequestContext, request: H
                     output_cost_usd=output_cost)
 
 
+class _Counters:
+    in_flight = 0
+    retries = 0
+    rate_limited = 0
+
+
+class _SampleJob:
+    """The job a sample runs on the live engine: each row is one request, measured when it
+    is answered; nothing is written, cached or budgeted (see :mod:`batcher.engine`)."""
+
+    def __init__(self, config: RunConfig, ctx: RequestContext, redact: Callable[[str], str],
+                 outcome: SampleOutcome, consumers: int) -> None:
+        self.config = config
+        self.stop = asyncio.Event()
+        self.consumers = consumers
+        self.progress = _Counters()
+        self.fatal: list[JobFatal] = []
+        self._ctx = ctx
+        self._redact = redact
+        self._outcome = outcome
+
+    def prepare(self, rows: list[RequestRow]) -> Prepared | list[ResultRow] | None:
+        config, ctx, [row] = self.config, self._ctx, rows
+        self._outcome.sent += 1
+        try:
+            provider = provider_for_row(row, config.endpoint)
+            request = provider.build_request(row, ctx)
+        except InputError as exc:
+            self._outcome.failures.append((row.id, exc))
+            return []
+        tokens = (request_input_tokens(row, ctx, config.endpoint)
+                  + request_max_output_tokens(row, ctx, config.endpoint)
+                  if config.tpm is not None else 0)
+        return Prepared(rows, provider, request, tokens, 0.0, None)
+
+    def finish(self, prepared: Prepared, outcome: Sent | Failed | None) -> None:
+        row = prepared.rows[0]
+        if isinstance(outcome, Sent):
+            self._outcome.answers.append(_measure(
+                self.config, row, self._ctx, prepared.request, outcome.answer,
+                (outcome.latency_ms or 0.0) / 1000.0))
+        elif isinstance(outcome, Failed):
+            # Servers quote keys back in errors: masked as `run` masks them.
+            error = outcome.error
+            self._outcome.failures.append(
+                (row.id, type(error)(self._redact(error.message), error.status)))
+
+    def deliver(self, result: ResultRow) -> None:
+        pass   # prepare hands back no result rows
+
+    def abort(self, exc: Aborted | JobFatal) -> None:
+        if isinstance(exc, JobFatal) and not self.fatal:
+            self.fatal.append(type(exc)(self._redact(exc.message), exc.status))
+        self.stop.set()
+
+    def first_send(self) -> None:
+        pass
+
+
 async def send_sample(rows: Sequence[RequestRow], config: RunConfig) -> SampleOutcome:
-    """Send ``rows`` for real, as the job would (see the module docstring), and measure the
-    answers. Raises the first :class:`JobFatal` (auth, quota) after stopping."""
+    """Send ``rows`` for real, as the job would (see the module docstring): on the live
+    engine, one request per row, at most ``SAMPLE_MAX_ATTEMPTS`` failed sends and
+    ``SAMPLE_MAX_RATE_LIMIT_WAIT`` seconds of 429s each; measure the answers. Raises the
+    first :class:`JobFatal` (auth, quota) after stopping."""
     ctx = config.request_context()
-    redact = redactor(ctx.api_key, ctx.headers)
     outcome = SampleOutcome(sent=0)
     if not rows:
         return outcome
     workers = min(len(rows), config.concurrency)
-    pending = list(reversed(rows))
-    fatal: list[JobFatal] = []
-    stop = asyncio.Event()
-
-    def abort(exc: Aborted | JobFatal) -> None:
-        if isinstance(exc, JobFatal):
-            fatal.append(type(exc)(redact(exc.message), exc.status))
-        stop.set()
-
-    async def one(row: RequestRow, sender: Sender) -> None:
-        provider = provider_for_row(row, config.endpoint)
-        request = provider.build_request(row, ctx)
-        tokens = (request_input_tokens(row, ctx, config.endpoint)
-                  + request_max_output_tokens(row, ctx, config.endpoint)
-                  if config.tpm is not None else 0)
-        sent = await sender.send(row, provider, request, tokens)
-        if isinstance(sent, Sent):
-            outcome.answers.append(_measure(config, row, ctx, request, sent.answer,
-                                            (sent.latency_ms or 0.0) / 1000.0))
-        elif isinstance(sent, Failed):
-            # Servers quote keys back in errors: masked as `run` masks them.
-            error = sent.error
-            outcome.failures.append((row.id, type(error)(redact(error.message), error.status)))
-
-    async def work(sender: Sender) -> None:
-        while pending and not stop.is_set():
-            row = pending.pop()
-            outcome.sent += 1
-            try:
-                await one(row, sender)
-            except InputError as exc:
-                outcome.failures.append((row.id, exc))
-
-    async with Transport(concurrency=workers, timeout=config.timeout) as transport:
-        sender = Sender(
-            throttle=Throttle(rpm=config.rpm, tpm=config.tpm, concurrency=workers),
-            transport=transport, max_attempts=min(SAMPLE_MAX_ATTEMPTS, config.max_attempts),
-            max_rate_limit_wait=min(SAMPLE_MAX_RATE_LIMIT_WAIT, config.max_rate_limit_wait),
-            base_url=config.base_url, log=get_logger(), abort=abort, stop=stop)
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(work(sender))
-    if fatal:
-        raise fatal[0]
+    sample_config = replace(
+        config, concurrency=workers, batch_size=1, cache=None,
+        max_attempts=min(SAMPLE_MAX_ATTEMPTS, config.max_attempts),
+        max_rate_limit_wait=min(SAMPLE_MAX_RATE_LIMIT_WAIT, config.max_rate_limit_wait))
+    job = _SampleJob(sample_config, ctx, redactor(ctx.api_key, ctx.headers), outcome, workers)
+    queue: asyncio.Queue[RequestRow | None] = asyncio.Queue()
+    for row in rows:
+        queue.put_nowait(row)
+    for _ in range(workers):
+        queue.put_nowait(None)
+    await LiveEngine(sample_config).run(queue, job)
+    if job.fatal:
+        raise job.fatal[0]
     return outcome
 
 
