@@ -191,7 +191,7 @@ def estimate_job(config: RunConfig) -> EstimateReport:
     options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
                             template=config.template)
     ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
-                         params=dict(config.params))
+                         params=dict(config.params), response_schema=config.response_schema)
     bad = 0
     log = get_logger()
     hits: int | None = None

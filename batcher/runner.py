@@ -39,11 +39,14 @@ from batcher.errors import (
     QuotaExhausted,
     RateLimited,
     Retryable,
+    SchemaCut,
+    SchemaError,
     ServerDown,
     ServerRefuses,
     StreamCut,
     TransportError,
 )
+from batcher.io.flatten import flat_fields
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
 from batcher.limits import Throttle
 from batcher.log import get_logger
@@ -302,7 +305,9 @@ class Runner:
             try:
                 store.update_meta(**meta)
                 if outcome == "finished":
-                    store.finalize()
+                    schema = config.response_schema
+                    store.finalize(flat_fields(schema.schema)
+                                   if config.flatten and schema is not None else ())
             except OSError as exc:
                 explained = explain_os_error(exc, config.output, config.state_dir)
                 if explained is None:
@@ -340,6 +345,8 @@ class Runner:
             "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
             "params": dict(sorted(c.params.items())), "template": c.template,
             "system": c.system, "id_column": c.id_column, "prompt_column": c.prompt_column,
+            # Only when set, so that states written before the option existed still match.
+            **({"response_format": c.response_schema.digest} if c.response_schema else {}),
         }
 
     def _check_output_writable(self) -> None:
@@ -614,6 +621,10 @@ class Runner:
                                            latency_ms=outcome.latency_ms,
                                            wait_ms=outcome.wait_ms,
                                            response=outcome.response) for r in rows]
+                if isinstance(outcome.error, SchemaError | SchemaCut):
+                    for r in results:  # the last answer, to see what did not fit
+                        r.output, r.finish_reason = (outcome.error.output,
+                                                     outcome.error.finish_reason)
                 if isinstance(outcome.error, BadRequest):
                     self._refused_streak(outcome.error, results)
                     results = []
@@ -809,6 +820,10 @@ class Runner:
                 self._sending.discard(task)
             try:
                 answer = provider.parse_response(request, response)
+            except (SchemaError, SchemaCut):
+                # The model's answer does not fit the schema: the server is up all the same.
+                self._last_answer = asyncio.get_running_loop().time()
+                raise
             except RateLimited as exc:
                 progress.rate_limited += 1
                 wait = throttle.on_rate_limited(exc.retry_after)
@@ -915,7 +930,8 @@ class Runner:
         if cost is None:
             cost = cost_usd(self._price(request.model), usage)
         return ResultRow(
-            id=row.id, status="ok", output=answer.output, finish_reason=answer.finish_reason,
+            id=row.id, status="ok", output=answer.output, parsed=answer.parsed,
+            finish_reason=answer.finish_reason,
             finish_reason_raw=answer.finish_reason_raw, model=answer.model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
@@ -1063,7 +1079,8 @@ def request_context(config: RunConfig) -> RequestContext:
     api_key = config.api_key()
     check_key(config.base_url, api_key, headers, config.api_key_env)
     return RequestContext(base_url=config.base_url, model=config.model, api_key=api_key,
-                          system=config.system, params=dict(config.params), headers=headers)
+                          system=config.system, params=dict(config.params), headers=headers,
+                          response_schema=config.response_schema)
 
 
 async def run_job(config: RunConfig, *, run_id: str | None = None) -> RunSummary:

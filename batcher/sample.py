@@ -141,7 +141,7 @@ def read_and_sample(config: RunConfig, n: int,
     options = ReaderOptions(id_column=config.id_column, prompt_column=config.prompt_column,
                             template=config.template)
     ctx = RequestContext(base_url=config.base_url, model=config.model, system=config.system,
-                         params=dict(config.params))
+                         params=dict(config.params), response_schema=config.response_schema)
     reservoir: Reservoir[RequestRow] = Reservoir(n, random.Random(seed))
     bad = 0
 
