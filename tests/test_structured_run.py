@@ -172,12 +172,15 @@ def test_attempts_run_out_then_error_type_schema_with_the_validators_message(
     assert summary["errors_by_type"] == {"schema": 4}
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "anthropic", "gemini"])
+@pytest.mark.parametrize(("endpoint", "stream"), [
+    ("chat", False), ("chat", True), ("anthropic", False), ("anthropic", True),
+    ("gemini", False)])
 def test_json_cut_by_the_token_limit_is_reported_as_cut_and_sent_once(
-        tmp_path: Path, sim: SimulatorThread, endpoint: str) -> None:
+        tmp_path: Path, sim: SimulatorThread, endpoint: str, stream: bool) -> None:
     out = tmp_path / "out.parquet"
     result = _run(_input(tmp_path, 3), out, sim, "--response-format", _schema_file(tmp_path),
-                  "-p", "max_tokens=6", endpoint=endpoint)
+                  "-p", "max_tokens=6", *(["-p", "stream=true"] if stream else []),
+                  endpoint=endpoint)
     assert result.exit_code == 1, result.stderr
     assert sim.stats.requests == 3  # not retried: the same limit would cut it again
     for row in read_output(out):

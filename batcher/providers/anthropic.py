@@ -176,7 +176,10 @@ def structured_answer(answer: Answer, request: HttpRequest, status: int) -> Answ
         return checked(answer, request, status)
     finish = "stop" if answer.finish_reason == "tool_calls" else answer.finish_reason
     answer = replace(answer, finish_reason=finish, tool_calls=None)
-    return checked(answer, request, status, text=json_text(call.get("input")))
+    given = call.get("input")
+    # A string is the partial JSON of an input the token limit cut (see the stream parser).
+    return checked(answer, request, status,
+                   text=given if isinstance(given, str) else json_text(given))
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -332,8 +335,13 @@ def parse_anthropic_stream(response: HttpResponse) -> Answer:
             try:
                 block["input"] = orjson.loads(pieces)
             except orjson.JSONDecodeError:
-                raise InvalidResponse(f"stream tool input is not JSON: {pieces[:200]}",
-                                      status=response.status) from None
+                if stop_reason == "max_tokens":
+                    # The token limit cut the input mid-way: an answer cut by `length`, as a
+                    # cut text is; the partial JSON is kept as it came.
+                    block["input"] = pieces
+                else:
+                    raise InvalidResponse(f"stream tool input is not JSON: {pieces[:200]}",
+                                          status=response.status) from None
         tools.append(block)
     text_parts = ["".join(texts[i]) for i in sorted(texts)]
     return _answer(text_parts, tools, stop_reason, model, rid, usage)
