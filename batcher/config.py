@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.errors import ConfigError
-from batcher.schema import ResponseSchema
+from batcher.schema import SCHEMA_PARAMS, ResponseSchema
 from batcher.types import JSON
 
 DEFAULT_CONCURRENCY = 64
@@ -175,15 +175,6 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     config = RunConfig(**given)
     _check_response_format(config)
     return config
-
-
-SCHEMA_PARAMS: Mapping[str, tuple[str, ...]] = {
-    "chat": ("response_format",),
-    "anthropic": ("tools", "tool_choice"),
-    "gemini": ("response_mime_type", "response_schema", "responseMimeType", "responseSchema",
-               "responseJsonSchema", "response_json_schema"),
-}
-"""Per endpoint, the request parameters that ``--response-format`` sets itself."""
 
 
 def _check_response_format(config: RunConfig) -> None:

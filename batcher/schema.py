@@ -46,6 +46,15 @@ ANTHROPIC_TOOL_PROMPT_TOKENS = 313
 """The system prompt Anthropic adds to a request whose ``tool_choice`` forces a tool (Claude
 3.5 Sonnet and later, per Anthropic's tool-use pricing table): billed as input tokens."""
 
+SCHEMA_PARAMS: Mapping[str, tuple[str, ...]] = {
+    "chat": ("response_format",),
+    "anthropic": ("tools", "tool_choice"),
+    "gemini": ("responseMimeType", "responseSchema", "responseJsonSchema",
+               "response_mime_type", "response_schema", "response_json_schema"),
+}
+"""Per endpoint that takes a schema, the request parameters (Gemini: ``generationConfig``
+fields) its form sets; a job or row giving one too is refused rather than overwritten."""
+
 _NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 
 _GEMINI_TYPES: Mapping[str, str] = {

@@ -322,3 +322,32 @@ def test_the_simulator_option_is_on_the_command_line() -> None:
     result = run_cli("simulate", "--help")
     assert "--rate-bad-schema" in result.stdout
     assert os.path.exists(EXAMPLE_SCHEMA)
+
+
+def test_a_missing_schema_file_is_exit_2_for_run_and_estimate(tmp_path: Path,
+                                                              sim: SimulatorThread) -> None:
+    missing = tmp_path / "nope.json"
+    src = _input(tmp_path)
+    ran = _run(src, tmp_path / "out.parquet", sim, "--response-format", missing)
+    estimated = run_cli("estimate", src, "--model", "m", "--response-format", missing)
+    for result in (ran, estimated):
+        assert result.exit_code == 2
+        assert "cannot read" in result.stderr and "nope.json" in result.stderr
+    assert sim.stats.requests == 0
+
+
+def test_answers_that_never_fit_do_not_make_the_server_look_down(
+        tmp_path: Path, make_sim: Any) -> None:
+    # The server answers every request (200s that break the schema) for longer than
+    # server_down_after: rows fail as schema errors, the job is not aborted as "down".
+    sim = make_sim(rate_bad_schema=1.0)
+    _input(tmp_path, 4)
+    _schema_file(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out.parquet"\nmodel = "m"\n'
+                   f'base_url = "{sim.base_url}"\nresponse_format = "ticket.json"\n'
+                   "server_down_after = 0.2\nmax_attempts = 4\nconcurrency = 1\n")
+    result = run_cli("run", job, "--no-progress")
+    assert result.exit_code == 1, result.stderr
+    summary = orjson.loads((tmp_path / "out.summary.json").read_bytes())
+    assert summary["outcome"] == "finished" and summary["errors_by_type"] == {"schema": 4}

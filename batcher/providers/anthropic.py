@@ -45,6 +45,7 @@ from batcher.providers.openai import (
     user_messages,
 )
 from batcher.providers.sse import parse_sse
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -133,7 +134,7 @@ class AnthropicProvider:
         if ctx.response_schema is not None:
             # Structured output as the Messages API does it: one tool, forced; its input is
             # the answer.
-            schema_conflict(row, params, "tools", "tool_choice")
+            schema_conflict(row, params, *SCHEMA_PARAMS["anthropic"])
             body["tools"] = [ctx.response_schema.anthropic_tool()]
             body["tool_choice"] = ctx.response_schema.anthropic_tool_choice()
         headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}

@@ -41,6 +41,7 @@ from batcher.providers.openai import (
     schema_conflict,
     user_messages,
 )
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 FINISH_REASONS_GEMINI: Mapping[str, str] = {
@@ -86,10 +87,6 @@ TOP_LEVEL = {
     "labels": "labels",
 }
 """Parameters that belong at the top of the body, not in ``generationConfig``."""
-
-SCHEMA_FIELDS = ("responseMimeType", "responseSchema", "responseJsonSchema",
-                 "response_json_schema", "response_mime_type", "response_schema")
-"""generationConfig fields that ``--response-format`` sets (a param giving one conflicts)."""
 
 IGNORED_PARAMS = frozenset({"stream", "stream_options"})
 """Streaming is not used for Gemini: the request is always ``generateContent``."""
@@ -189,7 +186,7 @@ class GeminiProvider:
             system = [{"text": ctx.system}]
         config, top = gemini_body_params(merged_params(row, ctx))
         if ctx.response_schema is not None:
-            schema_conflict(row, config, *SCHEMA_FIELDS)
+            schema_conflict(row, config, *SCHEMA_PARAMS["gemini"])
             config["responseMimeType"] = "application/json"
             config["responseSchema"] = ctx.response_schema.gemini_schema()
         body: dict[str, JSON] = {"contents": contents}

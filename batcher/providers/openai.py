@@ -36,6 +36,7 @@ from batcher.providers.base import (
     snippet,
 )
 from batcher.providers.sse import parse_sse
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 # --- finish reasons --------------------------------------------------------------------
@@ -321,7 +322,7 @@ def _response_format(row: RequestRow, ctx: RequestContext,
     """The ``response_format`` of a --response-format job (empty without one)."""
     if ctx.response_schema is None:
         return {}
-    schema_conflict(row, params, "response_format")
+    schema_conflict(row, params, *SCHEMA_PARAMS["chat"])
     return {"response_format": ctx.response_schema.openai_response_format()}
 
 

@@ -5,6 +5,10 @@ an Anthropic tool forced by ``tool_choice``, Gemini ``generationConfig.responseS
 (whose type names are upper-case). Answers are deterministic per prompt. A broken answer
 (``--rate-bad-schema``) is, by turns, text that is not JSON (the object cut in half) or an
 object that misses a required property (or, with none required, has a wrong-typed one).
+Honoured: types, ``enum``/``const``, ``anyOf``/``oneOf`` (one branch), ``minimum``/``maximum``,
+``minItems``/``maxItems``, ``minLength``/``maxLength`` and the ``date``, ``date-time`` and
+``email`` formats; not ``pattern``, ``allOf`` or ``$ref`` (a schema using them may get an
+answer that does not fit, which batcher then retries, as it would a real model's).
 """
 
 from __future__ import annotations
