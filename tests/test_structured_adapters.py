@@ -162,6 +162,16 @@ def test_an_answer_that_does_not_fit_is_a_retryable_schema_error(text: str,
     assert error.kind == "schema" and error.output == text and error.status == 200
 
 
+def test_an_openai_refusal_is_quoted_in_the_schema_error() -> None:
+    body = {"id": "c1", "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": None,
+                                     "refusal": "I can't help with that."}}]}
+    with pytest.raises(SchemaError, match="refused to answer in the schema: I can't help"):
+        get_provider("chat").parse_response(_chat_request(),
+                                            HttpResponse(200, {}, orjson.dumps(body)))
+
+
 def test_a_length_cut_json_is_reported_as_cut_and_not_retried() -> None:
     with pytest.raises(SchemaCut, match="token limit cut the answer") as caught:
         get_provider("chat").parse_response(_chat_request(),

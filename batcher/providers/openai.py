@@ -23,6 +23,7 @@ from batcher.errors import (
     ProviderError,
     QuotaExhausted,
     Retryable,
+    SchemaError,
     StreamCut,
 )
 from batcher.providers.base import (
@@ -436,6 +437,20 @@ def parse_chat_json(data: JSON, response: HttpResponse) -> Answer:
                    json_text(calls) if calls else None)
 
 
+def refuse_if_refused(data: JSON, answer: Answer, status: int) -> None:
+    """A structured-output answer whose message is a refusal (OpenAI puts it in
+    ``message.refusal`` and leaves ``content`` null): a SchemaError that quotes it, rather than
+    "no JSON". Retried like any answer that does not fit (another sample may answer)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    message = choices[0].get("message") if isinstance(choices, list) and choices \
+        and isinstance(choices[0], dict) else None
+    refusal = message.get("refusal") if isinstance(message, dict) else None
+    if isinstance(refusal, str) and refusal.strip():
+        text = " ".join(refusal.split())
+        raise SchemaError(f"the model refused to answer in the schema: {text[:300]}", status,
+                          output=refusal, finish_reason=answer.finish_reason)
+
+
 def parse_completion_json(data: JSON, response: HttpResponse) -> Answer:
     """A non-streamed legacy completion → Answer (first choice's ``text``)."""
     body, choice = _first_choice(data, response)
@@ -588,7 +603,10 @@ class ChatProvider:
         if request.stream and not looks_like_json(response):
             answer = parse_openai_stream(response, _chat_delta_text)
         else:
-            answer = parse_chat_json(decode_json(response), response)
+            data = decode_json(response)
+            answer = parse_chat_json(data, response)
+            if request.response_schema is not None and answer.output is None:
+                refuse_if_refused(data, answer, response.status)
         return checked(answer, request, response.status)
 
 
