@@ -87,7 +87,7 @@ def request_options(func: F) -> F:
         click.option("--response-format", type=click.Path(path_type=Path), metavar="SCHEMA.json",
                      help="Structured output: every answer must be JSON fitting this JSON "
                           "Schema (sent in the vendor's form; checked, retried when it does "
-                          "not fit). Adds the column 'parsed'."),
+                          "not fit); the validated JSON goes to column 'parsed'."),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
                      help="Log lines on stderr [default: console]."),
     ]
