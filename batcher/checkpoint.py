@@ -69,6 +69,7 @@ from batcher.io.writer import (
     UnreadableSource,
     encode_records,
     fsync_dir,
+    has_flattened_columns,
     result_to_record,
     write_final,
     write_part,
@@ -288,20 +289,22 @@ class StateStore:
             self._meta["updated_at"] = now_iso()
             _write_meta(self.state_dir, self._meta)
 
-    def finalize(self) -> Path:
+    def finalize(self, flatten: Sequence[tuple[str, pa.DataType]] = ()) -> Path:
         """Write the output atomically: one row per id, the latest result winning; returns it.
 
         Then the parts it absorbed are deleted and the output becomes the record (see the
         module docstring). Streams the parts: memory holds ids and keep-masks, not outputs.
         A part that turns out unreadable is set aside and :class:`Aborted` is raised (its ids
-        get re-run by the next run); the old output is then untouched.
+        get re-run by the next run); the old output is then untouched. ``flatten``: the
+        ``--flatten`` columns to add (see :func:`batcher.io.writer.write_final`).
         """
         with self._mutex:
             self._check_usable()
             self._compact()
             files = _list_state(self.state_dir)
             parts = [files.parts[s] for s in sorted(files.parts)]
-            if not parts and self._output_trusted:
+            if (not parts and self._output_trusted and not flatten
+                    and not has_flattened_columns(self.output)):
                 return self.output  # nothing new since the last finalize
             sources = ([self.output] if self._output_trusted else []) + parts
             through = max([_int(self._meta.get("finalized_through_seq")), *files.parts])
@@ -312,7 +315,8 @@ class StateStore:
             self._meta["finalizing"] = record
             _write_meta(self.state_dir, self._meta)
             try:
-                rows = write_final(sources, self.output, metadata={TOKEN_KEY: token})
+                rows = write_final(sources, self.output, metadata={TOKEN_KEY: token},
+                                   flatten=flatten)
             except UnreadableSource as exc:
                 # The in-memory record still counts the bad file's ids: refuse further use.
                 self._broken = f"cannot use the state of {self.output} after: {exc}"

@@ -84,6 +84,10 @@ def request_options(func: F) -> F:
                           "from it, not sent (cost 0). Shared safely by concurrent runs."),
         click.option("--cache-nondeterministic", is_flag=True,
                      help="Also cache requests whose temperature is not 0."),
+        click.option("--response-format", type=click.Path(path_type=Path), metavar="SCHEMA.json",
+                     help="Structured output: every answer must be JSON fitting this JSON "
+                          "Schema (sent in the vendor's form; checked, retried when it does "
+                          "not fit); the validated JSON goes to column 'parsed'."),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
                      help="Log lines on stderr [default: console]."),
     ]
@@ -98,7 +102,7 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
     values["params"] = parse_params(values.pop("params", ())) or None
     values["headers"] = parse_headers(values.pop("headers", ())) or None
     for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw",
-                 "cache_nondeterministic"):
+                 "cache_nondeterministic", "flatten"):
         if flag in values and not values[flag]:
             values[flag] = None
     return values
@@ -138,6 +142,8 @@ def cli() -> None:
               help="Resume even though the input or request options changed.")
 @click.option("--strict", is_flag=True, help="Any bad input row is fatal (exit 2), before sending.")
 @click.option("--keep-raw", is_flag=True, help="Keep each raw response JSON in column 'raw'.")
+@click.option("--flatten", is_flag=True,
+              help="With --response-format: one typed column per top-level schema property.")
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batcher.errors import ConfigError
+from batcher.schema import SCHEMA_PARAMS, ResponseSchema
 from batcher.types import JSON, RequestContext
 
 if TYPE_CHECKING:
@@ -72,7 +74,16 @@ class RunConfig:
     """The response cache folder (``--cache``); None: no cache."""
     cache_nondeterministic: bool = False
     """Also cache (and serve) requests whose temperature is not 0."""
+    response_format: Path | None = None
+    """``--response-format``: a JSON Schema file every answer must fit (structured output)."""
+    flatten: bool = False
+    """With ``response_format``: one typed output column per top-level schema property."""
     job: str | None = None
+
+    @functools.cached_property
+    def response_schema(self) -> ResponseSchema | None:
+        """The loaded ``response_format`` schema (None without one)."""
+        return None if self.response_format is None else ResponseSchema.load(self.response_format)
 
     def api_key(self) -> str:
         """The key from the environment variable named by ``api_key_env`` ('' when unset)."""
@@ -91,14 +102,15 @@ class RunConfig:
         a server that is not on this machine; a dry run (``sending=False``) needs neither."""
         if not sending:
             return RequestContext(base_url=self.base_url, model=self.model, system=self.system,
-                                  params=dict(self.params))
+                                  params=dict(self.params), response_schema=self.response_schema)
         from batcher.secrets import check_key, resolve_headers
 
         headers = resolve_headers(self.headers)
         api_key = self.api_key()
         check_key(self.base_url, api_key, headers, self.api_key_env)
         return RequestContext(base_url=self.base_url, model=self.model, api_key=api_key,
-                              system=self.system, params=dict(self.params), headers=headers)
+                              system=self.system, params=dict(self.params), headers=headers,
+                              response_schema=self.response_schema)
 
     @property
     def state_dir(self) -> Path:
@@ -184,4 +196,31 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     base = str(given["base_url"])
     if not base.startswith(("http://", "https://")):
         raise ConfigError(f"base_url: {base!r} must start with http:// or https://")
-    return RunConfig(**given)
+    if "response_format" in given:
+        given["response_format"] = Path(given["response_format"]).expanduser()
+    config = RunConfig(**given)
+    _check_response_format(config)
+    return config
+
+
+def _check_response_format(config: RunConfig) -> None:
+    """Load the schema now (a bad file is exit 2 before anything is read or sent) and refuse
+    what cannot work: an endpoint without structured output, a parameter the schema would
+    overwrite, a schema Gemini cannot take, ``flatten`` without a schema."""
+    schema = config.response_schema
+    if schema is None:
+        if config.flatten:
+            raise ConfigError("flatten (--flatten) needs response_format (--response-format): "
+                              "the columns come from the schema's properties")
+        return
+    if config.endpoint not in SCHEMA_PARAMS:
+        raise ConfigError(f"response_format (--response-format): the {config.endpoint} endpoint "
+                          f"takes no schema; use one of {', '.join(SCHEMA_PARAMS)}")
+    config_block = config.params.get("generationConfig") or config.params.get("generation_config")
+    given = set(config.params) | (set(config_block) if isinstance(config_block, Mapping) else set())
+    for name in SCHEMA_PARAMS[config.endpoint]:
+        if name in given:
+            raise ConfigError(f"response_format (--response-format) sets {name!r}, and the job "
+                              f"gives it as a parameter too (-p {name}=…); give one of them")
+    if config.endpoint == "gemini":
+        schema.gemini_schema()

@@ -148,8 +148,40 @@ class StreamCut(InvalidResponse):
     """A streamed answer that ended before its finish (no finish_reason / message_stop)."""
 
 
+class SchemaError(Retryable):
+    """A 2xx answer that is not valid JSON or does not fit ``--response-format``: sent again
+    as a fresh request (it counts in ``attempts``). ``output`` is the answer's text and
+    ``finish_reason`` its normalised finish, written on the error row once attempts run out."""
+
+    def __init__(self, message: str, status: int | None = None, *, output: str | None = None,
+                 finish_reason: str | None = None) -> None:
+        super().__init__(message, status)
+        self.output = output
+        self.finish_reason = finish_reason
+
+    @property
+    def kind(self) -> str:
+        return "schema"
+
+
 class Fatal(ProviderError):
     """Never retried."""
+
+
+class SchemaCut(Fatal):
+    """The token limit (finish ``length``) cut the answer before its JSON was complete. Not
+    retried: the same request gets the same limit, and every send is paid for. Written with
+    ``error_type=schema`` and ``finish_reason=length``."""
+
+    def __init__(self, message: str, status: int | None = None, *, output: str | None = None,
+                 finish_reason: str | None = "length") -> None:
+        super().__init__(message, status)
+        self.output = output
+        self.finish_reason = finish_reason
+
+    @property
+    def kind(self) -> str:
+        return "schema"
 
 
 class BadRequest(Fatal):

@@ -136,7 +136,7 @@ def _load(path: Path, cli_values: Mapping[str, Any],
     if models is not None and "model" in file_values:
         raise ConfigError(f"{where}: give either 'model' or 'models' (a matrix), not both")
     folder = path.expanduser().resolve().parent
-    for key in ("input", "output", "cache"):
+    for key in ("input", "output", "cache", "response_format"):
         if key in file_values:
             file_values[key] = _absolute(folder, file_values[key])
     if models is not None and "output" in file_values:
@@ -412,7 +412,7 @@ def _merge(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) -> dic
         # A click flag cannot be switched off, so False only ever means "not given".
         if key in ("params", "headers") or value is None or value is False:
             continue
-        if key in ("input", "output", "cache"):
+        if key in ("input", "output", "cache", "response_format"):
             value = _absolute(Path.cwd(), value)
         values[key] = value
     return values

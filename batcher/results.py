@@ -94,7 +94,8 @@ class RowBuilder:
         if cost is None:
             cost = cost_usd(self.price_of(request.model), usage)
         return ResultRow(
-            id=row.id, status="ok", output=answer.output, finish_reason=answer.finish_reason,
+            id=row.id, status="ok", output=answer.output, parsed=answer.parsed,
+            finish_reason=answer.finish_reason,
             finish_reason_raw=answer.finish_reason_raw, model=answer.model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,

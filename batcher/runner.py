@@ -39,10 +39,13 @@ from batcher.errors import (
     JobFatal,
     ProviderError,
     QuotaExhausted,
+    SchemaCut,
+    SchemaError,
     ServerDown,
     ServerRefuses,
     TransportError,
 )
+from batcher.io.flatten import flat_fields
 from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
 from batcher.log import get_logger
 from batcher.pricing import (
@@ -274,7 +277,9 @@ class Runner:
             try:
                 store.update_meta(**meta)
                 if outcome == "finished":
-                    store.finalize()
+                    schema = config.response_schema
+                    store.finalize(flat_fields(schema.schema)
+                                   if config.flatten and schema is not None else ())
             except OSError as exc:
                 explained = explain_os_error(exc, config.output, config.state_dir)
                 if explained is None:
@@ -312,6 +317,8 @@ class Runner:
             "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
             "params": dict(sorted(c.params.items())), "template": c.template,
             "system": c.system, "id_column": c.id_column, "prompt_column": c.prompt_column,
+            # Only when set, so that states written before the option existed still match.
+            **({"response_format": c.response_schema.digest} if c.response_schema else {}),
         }
 
     def _check_output_writable(self) -> None:
@@ -541,6 +548,10 @@ class Runner:
                                                 latency_ms=outcome.latency_ms,
                                                 wait_ms=outcome.wait_ms,
                                                 response=outcome.response) for r in rows]
+                if isinstance(outcome.error, SchemaError | SchemaCut):
+                    for r in results:  # the last answer, to see what did not fit
+                        r.output, r.finish_reason = (outcome.error.output,
+                                                     outcome.error.finish_reason)
                 if isinstance(outcome.error, BadRequest):
                     self._refused_streak(outcome.error, results)
                     results = []

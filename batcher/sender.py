@@ -23,6 +23,8 @@ from batcher.errors import (
     ProviderError,
     RateLimited,
     Retryable,
+    SchemaCut,
+    SchemaError,
     ServerDown,
     StreamCut,
 )
@@ -193,6 +195,10 @@ class Sender:
         throttle = self.throttle
         try:
             return provider.parse_response(request, response)
+        except (SchemaError, SchemaCut):
+            # The model's answer does not fit the schema: the server is up all the same.
+            self._last_answer = asyncio.get_running_loop().time()
+            raise
         except RateLimited as exc:
             self._counters.rate_limited += 1
             wait = throttle.on_rate_limited(exc.retry_after)

@@ -39,6 +39,7 @@ from typing import Final, cast
 import orjson
 import toktok  # type: ignore[import-untyped]  # ships no py.typed
 
+from batcher.schema import ANTHROPIC_TOOL_PROMPT_TOKENS
 from batcher.types import JSON, RequestContext, RequestRow
 
 DEFAULT_MAX_OUTPUT_TOKENS: Final = 4096
@@ -185,6 +186,22 @@ def _add_param_schemas(params: Mapping[str, JSON], pieces: _Pieces) -> None:
             pieces.shared.append(_json_text(value))
 
 
+def _add_response_schema(ctx: RequestContext, endpoint: str, pieces: _Pieces) -> None:
+    """``--response-format``'s schema, in the form the vendor gets it: each vendor counts it
+    as input (OpenAI's ``response_format``; Anthropic's tool definition plus the system
+    prompt it adds for a forced tool; Gemini's ``responseSchema``)."""
+    schema = ctx.response_schema
+    if schema is None:
+        return
+    if endpoint == "anthropic":
+        pieces.shared.append(_json_text(schema.anthropic_tool()))
+        pieces.fixed += ANTHROPIC_TOOL_PROMPT_TOKENS
+    elif endpoint == "gemini":
+        pieces.shared.append(_json_text(schema.gemini_schema()))
+    elif endpoint == "chat":
+        pieces.shared.append(_json_text(schema.openai_response_format()))
+
+
 def _has_system(messages: Sequence[Mapping[str, JSON]]) -> bool:
     # As the chat provider decides: the job's system prompt is prepended unless the
     # messages already open with a system (or developer) message.
@@ -212,6 +229,7 @@ def _row_pieces(row: RequestRow, ctx: RequestContext, endpoint: str) -> _Pieces:
         if isinstance(body_messages, list):
             _add_messages(body_messages, pieces)
             _add_param_schemas(body, pieces)
+            _add_response_schema(ctx, endpoint, pieces)
         else:
             _text_inputs(body.get("prompt"), pieces.unique)
             _text_inputs(body.get("input"), pieces.unique)
@@ -238,6 +256,7 @@ def _row_pieces(row: RequestRow, ctx: RequestContext, endpoint: str) -> _Pieces:
         if row.prompt is not None:
             pieces.unique.append(row.prompt)
     _add_param_schemas(params, pieces)
+    _add_response_schema(ctx, endpoint, pieces)
     return pieces
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # schema.py imports these types; the annotation needs only the name
+    from batcher.schema import ResponseSchema
 
 JSON = Any
 """A decoded JSON value (dict, list, str, int, float, bool or None)."""
@@ -51,7 +54,8 @@ class RequestContext:
     ``base_url`` includes the version path (``https://api.openai.com/v1``).
     ``api_key`` may be empty (local servers). ``params`` are the job's request parameters;
     a row's own ``params`` override them key by key. ``headers`` are extra headers given
-    by the user (``--header``).
+    by the user (``--header``). ``response_schema`` is ``--response-format``'s schema: each
+    provider sends it in its vendor's form and checks every answer against it.
     """
 
     base_url: str
@@ -60,6 +64,7 @@ class RequestContext:
     system: str | None = None
     params: Mapping[str, JSON] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    response_schema: ResponseSchema | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,8 @@ class HttpRequest:
 
     ``stream`` tells the transport the answer is a server-sent event stream
     (the transport then measures time to first byte). ``model`` is the model asked for,
-    used for pricing and token accounting.
+    used for pricing and token accounting. ``response_schema``: the answer must fit it (the
+    provider's parse step checks it; the schema itself is already in ``body``).
     """
 
     method: str
@@ -78,6 +84,7 @@ class HttpRequest:
     model: str | None = None
     stream: bool = False
     max_tokens: int | None = None
+    response_schema: ResponseSchema | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +113,8 @@ class Answer:
     """A successful answer, parsed by a provider from a 2xx response.
 
     ``output`` is the text (None for embeddings); ``embedding`` the vector for embeddings;
-    ``tool_calls`` the tool calls as JSON text when the model made any.
+    ``tool_calls`` the tool calls as JSON text when the model made any; ``parsed`` the answer
+    checked against ``--response-format``'s schema, as compact JSON text.
     """
 
     output: str | None
@@ -119,6 +127,7 @@ class Answer:
     embedding: list[float] | None = None
     embeddings: list[list[float]] | None = None
     """Every vector of a multi-input embeddings request, in input order."""
+    parsed: str | None = None
 
 
 Status = Literal["ok", "error"]
@@ -135,6 +144,8 @@ class ResultRow:
     id: str
     status: Status
     output: str | None = None
+    parsed: str | None = None
+    """``--response-format``: the answer parsed and validated, as JSON text."""
     finish_reason: str | None = None
     finish_reason_raw: str | None = None
     model: str | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from batcher.simulate import SimulatorThread
+from batcher.simulate import SimConfig, SimulatorThread
 from tests.conftest import ROOT, run_cli
 
 README = (ROOT / "README.md").read_text()
@@ -65,3 +65,26 @@ def test_example_inputs_run_against_the_simulator(tmp_path: Path, sim: Simulator
                          sim.base_url, "--model", "gpt-4o-mini", "--no-progress", *extra)
         assert result.exit_code == 0, (name, result.stderr)
         assert set(pq.read_table(out).column("status").to_pylist()) == {"ok"}
+
+
+def test_readme_structured_output_example_runs_offline(tmp_path: Path) -> None:
+    import shlex
+
+    block = next(b for b in _shell_blocks() if "--response-format" in b)
+    simulate, run = (line.rstrip(" &") for line in block.strip().splitlines())
+    sim_args = shlex.split(simulate)
+    assert sim_args[:2] == ["batcher", "simulate"]
+    rate = float(sim_args[sim_args.index("--rate-bad-schema") + 1])
+    args = shlex.split(run)
+    assert args[:2] == ["batcher", "run"]
+    with SimulatorThread(SimConfig(rate_bad_schema=rate, seed=1)) as sim:
+        args = [sim.base_url if a.startswith("http://127.0.0.1:8000") else a for a in args[1:]]
+        args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+        args[args.index("-o") + 1] = str(tmp_path / "labels.parquet")
+        result = run_cli(*args, "--no-progress")
+        assert result.exit_code == 0, result.stderr
+        assert sim.stats.faults.get("bad_schema", 0) > 0  # some were broken, and re-sent
+    table = pq.read_table(tmp_path / "labels.parquet")
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(table.column("category").to_pylist()) <= {
+        "billing", "bug", "feature_request", "account", "other"}

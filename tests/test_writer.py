@@ -45,7 +45,7 @@ def part_from_rows(path: Path, rows: list[ResultRow]) -> Path:
 def test_result_schema_is_the_promised_columns_in_order() -> None:
     expected = [
         ("id", pa.string()), ("status", pa.string()), ("output", pa.string()),
-        ("finish_reason", pa.string()), ("finish_reason_raw", pa.string()),
+        ("parsed", pa.string()), ("finish_reason", pa.string()), ("finish_reason_raw", pa.string()),
         ("model", pa.string()), ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()), ("total_tokens", pa.int64()),
         ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),

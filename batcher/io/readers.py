@@ -20,7 +20,7 @@ from batcher.errors import ConfigError, InputError
 from batcher.types import JSON, RequestRow, RowShape
 
 OUTPUT_COLUMNS: Final[tuple[str, ...]] = (
-    "id", "status", "output", "finish_reason", "finish_reason_raw", "model",
+    "id", "status", "output", "parsed", "finish_reason", "finish_reason_raw", "model",
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "cost_usd_original", "cached", "latency_ms", "wait_ms", "ttft_ms", "attempts",
     "http_status", "error", "error_type",

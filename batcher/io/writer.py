@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batcher.io.flatten import column_fields, flattened_arrays, is_flattened
 from batcher.types import JSON, ResultRow
 
 COLUMNS_KEY = "_columns"
@@ -52,6 +53,7 @@ _RESULT_FIELDS: list[pa.Field[Any]] = [
     pa.field("id", pa.string()),
     pa.field("status", pa.string()),
     pa.field("output", pa.string()),
+    pa.field("parsed", pa.string()),
     pa.field("finish_reason", pa.string()),
     pa.field("finish_reason_raw", pa.string()),
     pa.field("model", pa.string()),
@@ -105,6 +107,7 @@ def result_to_record(r: ResultRow) -> dict[str, JSON]:
         "id": r.id,
         "status": r.status,
         "output": r.output,
+        "parsed": r.parsed,
         "finish_reason": r.finish_reason,
         "finish_reason_raw": r.finish_reason_raw,
         "model": r.model,
@@ -453,11 +456,12 @@ def write_part(journal: Path, part: Path) -> JournalScan:
 def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
     """One schema for all ``schemas``: result columns first (fixed types), then input columns in
     first-seen order, each unified permissively; a column whose types cannot be unified → string.
+    Flattened columns of an earlier output are left out: they are rebuilt from ``parsed``.
     """
     seen: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
         for f in schema:
-            if f.name not in _RESULT_SET:
+            if f.name not in _RESULT_SET and not is_flattened(f):
                 seen.setdefault(f.name, []).append(f.type)
     fields = list(RESULT_SCHEMA)
     for name, types in seen.items():
@@ -495,6 +499,14 @@ def read_metadata(path: Path) -> dict[str, str]:
     """The key-value metadata of Parquet file ``path``'s schema (footer only; cheap)."""
     raw = pq.read_schema(path).metadata or {}
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+
+
+def has_flattened_columns(path: Path) -> bool:
+    """Whether Parquet file ``path`` has ``--flatten`` columns (footer only; cheap)."""
+    try:
+        return any(is_flattened(f) for f in pq.read_schema(path))
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def keep_masks(id_columns: Sequence[pa.ChunkedArray[Any] | pa.Array[Any]]) -> list[pa.Array[Any]]:
@@ -603,7 +615,8 @@ def _batches(pf: pq.ParquetFile, path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def write_final(sources: Sequence[Path], output: Path,
-                metadata: Mapping[str, str] | None = None) -> int:
+                metadata: Mapping[str, str] | None = None,
+                flatten: Sequence[tuple[str, pa.DataType]] = ()) -> int:
     """Merge Parquet ``sources`` (oldest first) into ``output`` atomically; returns its row count.
 
     One row per id: the latest source's row of an id wins (within a source, the later row).
@@ -614,6 +627,8 @@ def write_final(sources: Sequence[Path], output: Path,
     Raises :class:`UnreadableSource` naming a source that fails to read (``output`` is then
     untouched); errors writing the output propagate as they are. ``metadata`` is stored as the
     output schema's key-value metadata (the state uses it to recognise its own output).
+    ``flatten`` (``--flatten``): (property, Arrow type) pairs, each written as one more column
+    filled from ``parsed`` (see :mod:`batcher.io.flatten`), after the input's columns.
     """
     release_memory()
     files: list[pq.ParquetFile] = []
@@ -625,9 +640,12 @@ def write_final(sources: Sequence[Path], output: Path,
                 files.append(pf)
                 ids.append(pf.read(columns=["id"], use_threads=False)["id"])
             _release_arrow()
-        schema = unify([f.schema_arrow for f in files])
+        base = unify([f.schema_arrow for f in files])
         if metadata:
-            schema = schema.with_metadata(dict(metadata))
+            base = base.with_metadata(dict(metadata))
+        schema = pa.schema([*base, *column_fields(flatten, base.names)])
+        if base.metadata:
+            schema = schema.with_metadata(base.metadata)
         masks = superseded_masks(ids)
         del ids
         _release_arrow()
@@ -643,7 +661,13 @@ def write_final(sources: Sequence[Path], output: Path,
                             kept = batch.filter(mask.slice(offset, batch.num_rows))
                         offset += batch.num_rows
                         if kept.num_rows:
-                            writer.write_batch(conform(kept, schema))
+                            conformed = conform(kept, base)
+                            if flatten:
+                                conformed = pa.RecordBatch.from_arrays(
+                                    [*conformed.columns,
+                                     *flattened_arrays(conformed.column("parsed"), flatten)],
+                                    schema=schema)
+                            writer.write_batch(conformed)
                             rows += kept.num_rows
                         del batch, kept
                         _release_arrow()

@@ -9,6 +9,7 @@ token (``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import orjson
 
@@ -22,6 +23,7 @@ from batcher.errors import (
     StreamCut,
 )
 from batcher.providers.base import (
+    checked,
     decode_json,
     error_for_status,
     join_url,
@@ -39,9 +41,11 @@ from batcher.providers.openai import (
     merge_headers,
     normalise_finish_reason,
     require_model,
+    schema_conflict,
     user_messages,
 )
 from batcher.providers.sse import parse_sse
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -127,6 +131,12 @@ class AnthropicProvider:
         body["messages"] = messages
         if system:
             body["system"] = system
+        if ctx.response_schema is not None:
+            # Structured output as the Messages API does it: one tool, forced; its input is
+            # the answer.
+            schema_conflict(row, params, *SCHEMA_PARAMS["anthropic"])
+            body["tools"] = [ctx.response_schema.anthropic_tool()]
+            body["tool_choice"] = ctx.response_schema.anthropic_tool_choice()
         headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
         if ctx.api_key:
             headers["x-api-key"] = ctx.api_key
@@ -139,14 +149,38 @@ class AnthropicProvider:
             model=model,
             stream=body.get("stream") is True,
             max_tokens=as_int(body.get("max_tokens")),
+            response_schema=ctx.response_schema,
         )
 
     def parse_response(self, request: HttpRequest, response: HttpResponse) -> Answer:
         if not 200 <= response.status < 300:
             raise anthropic_error(response)
         if request.stream and not looks_like_json(response):
-            return parse_anthropic_stream(response)
-        return parse_anthropic_json(decode_json(response), response)
+            answer = parse_anthropic_stream(response)
+        else:
+            answer = parse_anthropic_json(decode_json(response), response)
+        if request.response_schema is None:
+            return answer
+        return structured_answer(answer, request, response.status)
+
+
+def structured_answer(answer: Answer, request: HttpRequest, status: int) -> Answer:
+    """The answer of a --response-format request: the forced tool call's ``input`` as the
+    output (checked against the schema), no ``tool_calls``, and finish ``stop`` for the
+    ``tool_use`` stop the forced tool makes (the raw value is kept). Without that tool call
+    the answer's text is checked instead (and fails, unless the model wrote the JSON)."""
+    assert request.response_schema is not None
+    name = request.response_schema.name
+    blocks = orjson.loads(answer.tool_calls) if answer.tool_calls else []
+    call = next((b for b in blocks if isinstance(b, dict) and b.get("name") == name), None)
+    if call is None:
+        return checked(answer, request, status)
+    finish = "stop" if answer.finish_reason == "tool_calls" else answer.finish_reason
+    answer = replace(answer, finish_reason=finish, tool_calls=None)
+    given = call.get("input")
+    # A string is the partial JSON of an input the token limit cut (see the stream parser).
+    return checked(answer, request, status,
+                   text=given if isinstance(given, str) else json_text(given))
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -302,8 +336,13 @@ def parse_anthropic_stream(response: HttpResponse) -> Answer:
             try:
                 block["input"] = orjson.loads(pieces)
             except orjson.JSONDecodeError:
-                raise InvalidResponse(f"stream tool input is not JSON: {pieces[:200]}",
-                                      status=response.status) from None
+                if stop_reason == "max_tokens":
+                    # The token limit cut the input mid-way: an answer cut by `length`, as a
+                    # cut text is; the partial JSON is kept as it came.
+                    block["input"] = pieces
+                else:
+                    raise InvalidResponse(f"stream tool input is not JSON: {pieces[:200]}",
+                                          status=response.status) from None
         tools.append(block)
     text_parts = ["".join(texts[i]) for i in sorted(texts)]
     return _answer(text_parts, tools, stop_reason, model, rid, usage)

@@ -12,6 +12,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
 import orjson
@@ -103,6 +104,18 @@ def merged_params(row: RequestRow, ctx: RequestContext) -> dict[str, JSON]:
     params = dict(ctx.params)
     params.update(row.params)
     return params
+
+
+def checked(answer: Answer, request: HttpRequest, status: int,
+            text: str | None = None) -> Answer:
+    """``answer`` with ``parsed`` set when the request has a response schema: its ``text``
+    (default: the answer's output) parsed and validated. Raises SchemaError (retried) or
+    SchemaCut (the token limit cut the JSON) as :meth:`ResponseSchema.check` does."""
+    schema = request.response_schema
+    if schema is None:
+        return answer
+    text = answer.output if text is None else text
+    return replace(answer, output=text, parsed=schema.check(text, answer.finish_reason, status))
 
 
 def decode_json(response: HttpResponse) -> JSON:

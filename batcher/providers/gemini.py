@@ -22,6 +22,7 @@ from batcher.errors import (
     Retryable,
 )
 from batcher.providers.base import (
+    checked,
     decode_json,
     error_for_status,
     join_url,
@@ -37,8 +38,10 @@ from batcher.providers.openai import (
     merge_headers,
     normalise_finish_reason,
     require_model,
+    schema_conflict,
     user_messages,
 )
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 FINISH_REASONS_GEMINI: Mapping[str, str] = {
@@ -182,6 +185,10 @@ class GeminiProvider:
         if system is None and ctx.system:
             system = [{"text": ctx.system}]
         config, top = gemini_body_params(merged_params(row, ctx))
+        if ctx.response_schema is not None:
+            schema_conflict(row, config, *SCHEMA_PARAMS["gemini"])
+            config["responseMimeType"] = "application/json"
+            config["responseSchema"] = ctx.response_schema.gemini_schema()
         body: dict[str, JSON] = {"contents": contents}
         if system:
             body["systemInstruction"] = {"parts": system}
@@ -199,6 +206,7 @@ class GeminiProvider:
             model=model,
             stream=False,
             max_tokens=as_int(config.get("maxOutputTokens")),
+            response_schema=ctx.response_schema,
         )
 
     def parse_response(self, request: HttpRequest, response: HttpResponse) -> Answer:
@@ -207,7 +215,7 @@ class GeminiProvider:
         data = decode_json(response)
         if isinstance(data, list) and len(data) == 1:
             data = data[0]  # some gateways wrap the answer in a one-item array
-        return parse_gemini_json(data, response)
+        return checked(parse_gemini_json(data, response), request, response.status)
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -23,10 +23,12 @@ from batcher.errors import (
     ProviderError,
     QuotaExhausted,
     Retryable,
+    SchemaError,
     StreamCut,
 )
 from batcher.providers.base import (
     QUOTA_MARKERS,
+    checked,
     decode_json,
     error_for_status,
     join_url,
@@ -35,6 +37,7 @@ from batcher.providers.base import (
     snippet,
 )
 from batcher.providers.sse import parse_sse
+from batcher.schema import SCHEMA_PARAMS
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow, Usage
 
 # --- finish reasons --------------------------------------------------------------------
@@ -299,11 +302,38 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
     return merge_headers(headers, ctx.headers)
 
 
+def refuse_schema(row: RequestRow, ctx: RequestContext, endpoint: str) -> None:
+    """InputError for a row of a ``--response-format`` job sent where no schema can go."""
+    if ctx.response_schema is not None:
+        raise InputError(row.source, f"--response-format cannot be sent to the {endpoint} "
+                         "endpoint (chat, anthropic and gemini take a schema)", row.line,
+                         "url" if row.shape == "batch" else None)
+
+
+def schema_conflict(row: RequestRow, given: Mapping[str, JSON], *names: str) -> None:
+    """InputError when a row's (or the job's) params set what --response-format sets."""
+    for name in names:
+        if name in given:
+            raise InputError(row.source, f"{name!r} is given as a parameter and "
+                             "--response-format sets it too; give one of them", row.line, name)
+
+
+def _response_format(row: RequestRow, ctx: RequestContext,
+                     params: Mapping[str, JSON]) -> dict[str, JSON]:
+    """The ``response_format`` of a --response-format job (empty without one)."""
+    if ctx.response_schema is None:
+        return {}
+    schema_conflict(row, params, *SCHEMA_PARAMS["chat"])
+    return {"response_format": ctx.response_schema.openai_response_format()}
+
+
 def _batch_request(row: RequestRow, ctx: RequestContext, default_path: str) -> HttpRequest:
-    """A Batch API line: its body as is (plus the model when it has none) to its url."""
+    """A Batch API line: its body as is (plus the model when it has none, and the job's
+    ``--response-format``) to its url."""
     body = dict(row.body or {})
     model = require_model(row, ctx, body.get("model"))
     body.setdefault("model", model)
+    body.update(_response_format(row, ctx, body))
     return HttpRequest(
         method="POST",
         url=join_url(ctx.base_url, row.url or default_path),
@@ -312,6 +342,7 @@ def _batch_request(row: RequestRow, ctx: RequestContext, default_path: str) -> H
         model=model,
         stream=body.get("stream") is True,
         max_tokens=param_max_tokens(body),
+        response_schema=ctx.response_schema,
     )
 
 
@@ -323,6 +354,7 @@ def _request(row: RequestRow, ctx: RequestContext, path: str,
     body: dict[str, JSON] = {"model": model}
     body.update({k: v for k, v in params.items() if k not in payload and k != "model"})
     body.update(payload)
+    body.update(_response_format(row, ctx, params))
     stream = body.get("stream") is True
     if stream and "stream_options" not in body:
         # without it OpenAI sends no usage on streams, and cost accounting would be blind
@@ -335,6 +367,7 @@ def _request(row: RequestRow, ctx: RequestContext, path: str,
         model=model,
         stream=stream,
         max_tokens=param_max_tokens(params),
+        response_schema=ctx.response_schema,
     )
 
 
@@ -402,6 +435,20 @@ def parse_chat_json(data: JSON, response: HttpResponse) -> Answer:
         calls = [{"type": "function", "function": message["function_call"]}]
     return _answer(body, _text_content(message.get("content")), choice.get("finish_reason"),
                    json_text(calls) if calls else None)
+
+
+def refuse_if_refused(data: JSON, answer: Answer, status: int) -> None:
+    """A structured-output answer whose message is a refusal (OpenAI puts it in
+    ``message.refusal`` and leaves ``content`` null): a SchemaError that quotes it, rather than
+    "no JSON". Retried like any answer that does not fit (another sample may answer)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    message = choices[0].get("message") if isinstance(choices, list) and choices \
+        and isinstance(choices[0], dict) else None
+    refusal = message.get("refusal") if isinstance(message, dict) else None
+    if isinstance(refusal, str) and refusal.strip():
+        text = " ".join(refusal.split())
+        raise SchemaError(f"the model refused to answer in the schema: {text[:300]}", status,
+                          output=refusal, finish_reason=answer.finish_reason)
 
 
 def parse_completion_json(data: JSON, response: HttpResponse) -> Answer:
@@ -554,8 +601,13 @@ class ChatProvider:
         if not 200 <= response.status < 300:
             raise openai_error(response)
         if request.stream and not looks_like_json(response):
-            return parse_openai_stream(response, _chat_delta_text)
-        return parse_chat_json(decode_json(response), response)
+            answer = parse_openai_stream(response, _chat_delta_text)
+        else:
+            data = decode_json(response)
+            answer = parse_chat_json(data, response)
+            if request.response_schema is not None and answer.output is None:
+                refuse_if_refused(data, answer, response.status)
+        return checked(answer, request, response.status)
 
 
 class CompletionsProvider:
@@ -569,6 +621,7 @@ class CompletionsProvider:
     path = "/completions"
 
     def build_request(self, row: RequestRow, ctx: RequestContext) -> HttpRequest:
+        refuse_schema(row, ctx, self.name)
         if row.shape == "batch" or row.body is not None:
             return _batch_request(row, ctx, self.path)
         if row.prompt is None:
@@ -629,6 +682,7 @@ class EmbeddingsProvider:
     path = "/embeddings"
 
     def build_request(self, row: RequestRow, ctx: RequestContext) -> HttpRequest:
+        refuse_schema(row, ctx, self.name)
         if row.shape == "batch" or row.body is not None:
             return _batch_request(row, ctx, self.path)
         if row.prompt is None:

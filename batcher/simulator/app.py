@@ -88,6 +88,8 @@ class _State:
         self.fault_rng = random.Random(config.seed)
         # A separate stream, so that changing the jitter does not change which requests fail.
         self.latency_rng = random.Random(f"{config.seed}:latency")
+        self.schema_rng = random.Random(f"{config.seed}:schema")
+        self.schema_breaks = 0
         self.rpm = SliceLimiter(config.rpm) if config.rpm is not None else None
         self.tpm = SliceLimiter(config.tpm) if config.tpm is not None else None
         self.strict = IntervalLimiter(config.strict_rpm) if config.strict_rpm is not None else None
@@ -118,6 +120,14 @@ class _State:
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}sim{self._id_base}{next(self._ids):08x}"
+
+    def break_schema(self) -> int | None:
+        rate = self.config.rate_bad_schema
+        if rate <= 0 or self.schema_rng.random() >= rate:
+            return None
+        self.stats.count_fault("bad_schema")
+        self.schema_breaks += 1
+        return self.schema_breaks - 1
 
     def draw_fault(self) -> ScriptItem | None:
         r = self.fault_rng.random()

@@ -85,6 +85,9 @@ class SimConfig:
     :class:`batcher.simulator.limits.IntervalLimiter`); refused requests get a 429 that
     carries a Retry-After of ``strict_retry_after`` seconds only when that is set (nginx
     sends none).
+    ``rate_bad_schema``: the probability that a request asking for structured output (a JSON
+    Schema) gets a 200 answer that breaks it (see :mod:`batcher.simulator.structured`); drawn
+    apart from the fault rates, from its own seeded stream.
     ``script`` items (see :func:`parse_script_item`) are consumed one per API request, in
     arrival order, before anything else is decided; after the script, behaviour is normal.
     """
@@ -110,6 +113,7 @@ class SimConfig:
     omit_stream_usage: bool = False
     strict_rpm: float | None = None
     strict_retry_after: float | None = None
+    rate_bad_schema: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "retry_after_s"):
@@ -124,7 +128,7 @@ class SimConfig:
             _check_number("strict_retry_after", self.strict_retry_after, low=0.0)
             if self.strict_rpm is None:
                 raise ValueError("--strict-retry-after needs --strict-rpm")
-        for name in RATE_FIELDS:
+        for name in (*RATE_FIELDS, "rate_bad_schema"):
             _check_number(name, getattr(self, name), low=0.0, high=1.0)
         total = sum(getattr(self, name) for name in RATE_FIELDS)
         if total > 1.0 + 1e-9:
@@ -208,6 +212,9 @@ SIM_OPTIONS: tuple[SimOption, ...] = (
     SimOption("answer_tokens", "--answer-tokens", int, "Typical answer length in tokens."),
     SimOption("retry_after_s", "--retry-after", float,
               "Retry-After (seconds) sent with random 429s."),
+    SimOption("rate_bad_schema", "--rate-bad-schema", float,
+              "Probability that an answer to a JSON-Schema request breaks the schema (not "
+              "JSON, or a required property missing); the others fit it."),
     SimOption("omit_stream_usage", "--omit-stream-usage", bool,
               "Streams (chat, completions) carry no usage, even when include_usage asks."),
 )

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from batcher.simulator import wire
+from batcher.simulator import structured, wire
 
 DEFAULT_MODEL = "sim-model"
 
@@ -25,6 +25,11 @@ class Context(Protocol):
     def omit_stream_usage(self) -> bool: ...
 
     def new_id(self, prefix: str) -> str: ...
+
+    def break_schema(self) -> int | None:
+        """Whether to break this schema answer (``--rate-bad-schema``): None for no, else
+        the count of answers broken so far (which way it breaks alternates)."""
+        ...
 
 
 class Invalid(Exception):
@@ -83,6 +88,20 @@ def _answer_for(ctx: Context, prompt: str, max_tokens: int | None) -> tuple[str,
     return text, False
 
 
+def _structured_answer(ctx: Context, schema: Any, prompt: str, max_tokens: int | None,
+                       *, json_only: bool = False) -> tuple[str, bool]:
+    """(JSON text fitting ``schema``, or broken when the simulator breaks this one; truncated?)
+    under ``max_tokens``. ``json_only``: a broken answer is still JSON (a tool's input)."""
+    nth = ctx.break_schema()
+    if nth is None:
+        text = orjson.dumps(structured.instance(schema, prompt)).decode()
+    else:
+        text = structured.broken(schema, prompt, 2 * nth if json_only else nth)[1]
+    if max_tokens is not None and wire.count_tokens(text) > max_tokens:
+        return wire.truncate(text, max_tokens), True
+    return text, False
+
+
 def _messages(payload: dict[str, Any], dialect_hint: str) -> list[dict[str, Any]]:
     messages = payload.get("messages")
     if messages is None:
@@ -119,7 +138,11 @@ def parse_chat(payload: Any, request: web.Request, ctx: Context) -> Plan:
         max_tokens = _positive_int(body, "max_tokens")
     model = _model(body)
     prompt_tokens = wire.count_tokens("".join(texts))
-    content, cut = _answer_for(ctx, _last_user(messages, texts), max_tokens)
+    schema = structured.chat_schema(body)
+    if schema is not None:
+        content, cut = _structured_answer(ctx, schema, _last_user(messages, texts), max_tokens)
+    else:
+        content, cut = _answer_for(ctx, _last_user(messages, texts), max_tokens)
     finish = "length" if cut else "stop"
     completion_tokens = wire.count_tokens(content)
     plan = Plan(model, prompt_tokens, completion_tokens,
@@ -203,6 +226,10 @@ def parse_messages(payload: Any, request: web.Request, ctx: Context) -> Plan:
     system = wire.content_text(body.get("system"))
     model = _model(body)
     prompt_tokens = wire.count_tokens(system + "".join(texts))
+    tool = structured.anthropic_tool(body)
+    if tool is not None:
+        return _tool_answer(ctx, body, tool, _last_user(messages, texts), max_tokens, model,
+                            prompt_tokens)
     text, cut = _answer_for(ctx, _last_user(messages, texts), max_tokens)
     stop = "max_tokens" if cut else "end_turn"
     output_tokens = wire.count_tokens(text)
@@ -214,6 +241,28 @@ def parse_messages(payload: Any, request: web.Request, ctx: Context) -> Plan:
     else:
         plan.body = orjson.dumps(wire.anthropic_message(rid, model, text, stop, prompt_tokens,
                                                         output_tokens))
+    return plan
+
+
+def _tool_answer(ctx: Context, body: dict[str, Any], tool: tuple[str, Any], prompt: str,
+                 max_tokens: int, model: str, prompt_tokens: int) -> Plan:
+    """The answer to a forced tool: one tool_use block whose input fits its schema (or is
+    broken; or, cut by max_tokens, an empty input as the API leaves an unfinished one)."""
+    name, schema = tool
+    text, cut = _structured_answer(ctx, schema, prompt, max_tokens, json_only=True)
+    value = {} if cut else orjson.loads(text)
+    stop = "max_tokens" if cut else "tool_use"
+    output_tokens = wire.count_tokens(text)
+    plan = Plan(model, prompt_tokens, output_tokens, prompt_tokens + max_tokens)
+    rid = ctx.new_id("msg_")
+    block = {"type": "tool_use", "id": ctx.new_id("toolu_"), "name": name, "input": value}
+    if body.get("stream") is True:
+        plan.frames = wire.anthropic_tool_frames(rid, model, block, text, stop, prompt_tokens,
+                                                 output_tokens)
+    else:
+        message = wire.anthropic_message(rid, model, "", stop, prompt_tokens, output_tokens)
+        message["content"] = [block]
+        plan.body = orjson.dumps(message)
     return plan
 
 
@@ -242,7 +291,11 @@ def parse_gemini(payload: Any, request: web.Request, ctx: Context) -> Plan:
             prompt = text
             break
     prompt_tokens = wire.count_tokens(system_text + "".join(texts))
-    text, cut = _answer_for(ctx, prompt, max_tokens)
+    schema = structured.gemini_schema(config)
+    if schema is not None:
+        text, cut = _structured_answer(ctx, schema, prompt, max_tokens)
+    else:
+        text, cut = _answer_for(ctx, prompt, max_tokens)
     finish = "MAX_TOKENS" if cut else "STOP"
     output_tokens = wire.count_tokens(text)
     plan = Plan(model, prompt_tokens, output_tokens,

@@ -242,6 +242,33 @@ def anthropic_stream_frames(rid: str, model: str, text: str, stop_reason: str,
     return frames
 
 
+def anthropic_tool_frames(rid: str, model: str, block: dict[str, Any], text: str,
+                          stop_reason: str, input_tokens: int,
+                          output_tokens: int) -> list[bytes]:
+    """Anthropic's event stream of one tool_use ``block``: its ``input`` sent as
+    ``input_json_delta`` pieces of ``text`` (the input's JSON, cut when the answer was)."""
+    start = anthropic_message(rid, model, "", stop_reason, input_tokens, 1)
+    start.update(content=[], stop_reason=None)
+    frames = [
+        event("message_start", {"type": "message_start", "message": start}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {**block, "input": {}}}),
+    ]
+    frames.extend(
+        event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "input_json_delta",
+                                                "partial_json": text[i:i + 16]}})
+        for i in range(0, len(text), 16))
+    frames += [
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("message_delta", {"type": "message_delta",
+                                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                "usage": {"output_tokens": output_tokens}}),
+        event("message_stop", {"type": "message_stop"}),
+    ]
+    return frames
+
+
 def gemini_response(rid: str, model: str, text: str, finish: str | None,
                     prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
     candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]},
