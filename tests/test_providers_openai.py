@@ -10,7 +10,8 @@ import pytest
 from batcher import errors
 from batcher.errors import InputError, InvalidResponse, ProviderError
 from batcher.providers import get_provider, provider_for_row, provider_names
-from batcher.providers.openai import normalise_finish_reason, parse_embeddings
+from batcher.providers.base import normalise_finish_reason
+from batcher.providers.openai import parse_embeddings
 from batcher.types import HttpRequest, HttpResponse, RequestContext, RequestRow
 from tests.golden_cases import (
     GOLDEN_ROOT,

@@ -23,25 +23,23 @@ from batcher.errors import (
     StreamCut,
 )
 from batcher.providers.base import (
+    as_int,
     checked,
     decode_json,
     error_for_status,
-    join_url,
-    merged_params,
-    register,
-    snippet,
-)
-from batcher.providers.openai import (
-    as_int,
     error_from_object,
     error_tokens,
     is_quota_error,
+    join_url,
     json_text,
     looks_like_json,
     merge_headers,
+    merged_params,
     normalise_finish_reason,
+    register,
     require_model,
     schema_conflict,
+    snippet,
     user_messages,
 )
 from batcher.providers.sse import parse_sse

@@ -20,10 +20,12 @@ import orjson
 from batcher.errors import (
     AuthError,
     BadRequest,
+    InputError,
     InvalidResponse,
     ProviderError,
     QuotaExhausted,
     RateLimited,
+    Retryable,
     ServerError,
 )
 from batcher.types import JSON, Answer, HttpRequest, HttpResponse, RequestContext, RequestRow
@@ -32,6 +34,15 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522
 
 QUOTA_MARKERS = ("insufficient_quota", "billing", "quota_exceeded", "credit")
 """Error *codes/types* (not free text) that mean the account has no credit left."""
+QUOTA_CODES = frozenset({
+    "insufficient_quota",
+    "insufficient_user_quota",  # one-api/new-api gateways
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "billing_error",  # Anthropic 402
+    "quota_exceeded",
+})
+"""Error codes/types meaning the account has no credit; such an error aborts the job."""
 
 
 class Provider(Protocol):
@@ -244,3 +255,231 @@ def error_for_status(response: HttpResponse) -> ProviderError:
     if status in RETRYABLE_STATUSES or status >= 500:
         return ServerError(text, status=status, retry_after=retry_after_seconds(response.headers))
     return BadRequest(text, status=status)
+
+
+# --- finish reasons --------------------------------------------------------------------
+
+FINISH_REASONS_OPENAI: Mapping[str, str] = {
+    # the model ended on its own
+    "stop": "stop",
+    "eos": "stop",
+    "eos_token": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    # a token limit cut the answer
+    "length": "length",
+    "max_tokens": "length",
+    "model_length": "length",
+    # the model asked for a tool
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "tool_use": "tool_calls",
+    # a filter blocked or cut the answer
+    "content_filter": "content_filter",
+    "safety": "content_filter",
+    "refusal": "content_filter",
+    # the server gave up mid-answer (vLLM, some gateways)
+    "error": "error",
+    "abort": "error",
+}
+"""OpenAI-style ``finish_reason`` → normalised value. Any other value becomes ``"stop"``
+(the answer did end, and the raw value stays in ``finish_reason_raw``)."""
+
+
+def normalise_finish_reason(raw: JSON, table: Mapping[str, str] = FINISH_REASONS_OPENAI,
+                            default: str = "stop") -> tuple[str | None, str | None]:
+    """(normalised, raw) for a vendor's finish reason; (None, None) when the server gave none."""
+    if raw is None or raw == "":
+        return None, None
+    text = str(raw)
+    return table.get(text.lower(), default), text
+
+
+# --- small shared helpers --------------------------------------------------------------
+
+
+def as_int(value: JSON) -> int | None:
+    """An integer token count, or None for anything that is not one (bools included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def json_text(value: JSON) -> str:
+    """Compact JSON text (UTF-8, not ASCII-escaped) of a decoded value."""
+    return orjson.dumps(value).decode("utf-8")
+
+
+def merge_headers(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` laid over it; names compare case-insensitively, so a user's
+    ``authorization`` replaces ours rather than being sent twice."""
+    merged = dict(base)
+    for name, value in extra.items():
+        for existing in [k for k in merged if k.lower() == name.lower()]:
+            del merged[existing]
+        merged[name] = value
+    return merged
+
+
+def has_header(headers: Mapping[str, str], name: str) -> bool:
+    return any(k.lower() == name.lower() for k in headers)
+
+
+def param_max_tokens(params: Mapping[str, JSON]) -> int | None:
+    """The answer-length cap the user asked for, whatever the vendor calls it."""
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens", "maxOutputTokens"):
+        value = as_int(params.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def require_model(row: RequestRow, ctx: RequestContext, given: JSON = None) -> str:
+    """The model for a row: ``given`` (e.g. a Batch body's), the row's, then the job's."""
+    model = given or row.model or ctx.model
+    if not model or not isinstance(model, str):
+        raise InputError(row.source, "no model: give --model or a per-row model", row.line,
+                         "model")
+    return model
+
+
+def user_messages(row: RequestRow) -> list[dict[str, JSON]]:
+    """The row's chat messages: as given, or its prompt as one user message."""
+    if row.messages is not None:
+        return [dict(m) for m in row.messages]
+    if row.prompt is None:
+        raise InputError(row.source, "row has neither prompt nor messages", row.line, "prompt")
+    return [{"role": "user", "content": row.prompt}]
+
+
+# --- errors inside bodies --------------------------------------------------------------
+
+
+ERROR_CODE_STATUS: Mapping[str, int] = {
+    # rate limits
+    "rate_limit_exceeded": 429, "rate_limit_error": 429, "rate_limited": 429,
+    "too_many_requests": 429, "resource_exhausted": 429,
+    # authentication / permission
+    "invalid_api_key": 401, "authentication_error": 401, "unauthenticated": 401,
+    "invalid_authentication": 401, "unauthorized": 401,
+    "permission_error": 403, "permission_denied": 403, "access_denied": 403, "forbidden": 403,
+    # the request itself
+    "invalid_request_error": 400, "invalid_argument": 400, "bad_request": 400,
+    "context_length_exceeded": 400, "invalid_value": 400, "failed_precondition": 400,
+    "not_found_error": 404, "not_found": 404, "model_not_found": 404,
+    "request_too_large": 413,
+    # the server
+    "server_error": 500, "api_error": 500, "internal": 500, "internal_error": 500,
+    "internal_server_error": 500, "unavailable": 503, "service_unavailable": 503,
+    "overloaded_error": 529, "overloaded": 529,
+    "timeout": 504, "timeout_error": 504, "deadline_exceeded": 504,
+}
+"""Machine error codes/types (OpenAI, Anthropic, Gemini and gateways) → the HTTP status they
+stand for. Used when an error object arrives with a 2xx status (in a body or a stream)."""
+
+UNKNOWN_ERROR_STATUS = 500
+"""An error object whose code we do not know is treated as a server fault (retried, bounded
+by --max-attempts) rather than silently failing the row."""
+
+
+def error_tokens(err: Mapping[str, JSON]) -> list[str]:
+    """The machine identifiers of an error object (code, type, status), lower-cased."""
+    return [str(err[k]).strip().lower() for k in ("code", "type", "status")
+            if isinstance(err.get(k), str | int) and not isinstance(err.get(k), bool)]
+
+
+def is_quota_error(tokens: list[str]) -> bool:
+    return any(t in QUOTA_CODES or any(m in t for m in QUOTA_MARKERS) for t in tokens)
+
+
+def status_for_error(err: Mapping[str, JSON]) -> int:
+    """The HTTP status an error object stands for: a numeric code or status (400–599) first,
+    then the known codes of :data:`ERROR_CODE_STATUS`, else :data:`UNKNOWN_ERROR_STATUS`."""
+    for key in ("code", "status"):
+        value = err.get(key)
+        number = int(value) if isinstance(value, str) and value.isdigit() else as_int(value)
+        if number is not None and 400 <= number <= 599:
+            return number
+    for token in error_tokens(err):
+        if token in ERROR_CODE_STATUS:
+            return ERROR_CODE_STATUS[token]
+    return UNKNOWN_ERROR_STATUS
+
+
+def retag(error: ProviderError, message: str, status: int | None) -> ProviderError:
+    """The same error class with another message and HTTP status (retry advice kept)."""
+    if isinstance(error, Retryable):
+        return type(error)(message, status=status, retry_after=error.retry_after)
+    return type(error)(message, status=status)
+
+
+def error_message(err: Mapping[str, JSON], fallback: bytes = b"") -> str:
+    message = err.get("message")
+    if isinstance(message, str) and message:
+        return " ".join(message.split())[:300]
+    return snippet(fallback or orjson.dumps(err))
+
+
+def error_from_object(err: JSON, response: HttpResponse,
+                      where: str = "error object") -> ProviderError:
+    """The typed error for an ``{"error": …}`` object found in a 2xx body or a stream.
+
+    The class is decided by the object's machine code (never by its message): quota codes
+    → QuotaExhausted; otherwise the status from :func:`status_for_error`, classed as
+    :func:`batcher.providers.base.error_for_status` would class that status.
+    ``status`` on the error stays the real HTTP status of the response.
+    """
+    if not isinstance(err, Mapping):
+        text = str(err) if err is not None else "unknown error"
+        err = {"message": text}
+    tokens = error_tokens(err)
+    message = f"HTTP {response.status} {where}: {error_message(err)}"
+    if is_quota_error(tokens):
+        return QuotaExhausted(message, status=response.status)
+    synthetic = HttpResponse(status_for_error(err), response.headers,
+                             orjson.dumps({"error": err}))
+    return retag(error_for_status(synthetic), message, response.status)
+
+
+def body_error_tokens(body: bytes) -> list[str]:
+    """Error codes of a non-2xx body (empty when it is not a JSON error object)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    err = data.get("error") if isinstance(data, dict) else None
+    return error_tokens(err) if isinstance(err, dict) else []
+
+
+def openai_error(response: HttpResponse) -> ProviderError:
+    """The typed error for a non-2xx OpenAI-style answer: :func:`error_for_status`, except
+    that a quota/billing error code aborts as QuotaExhausted whatever the status (gateways
+    send ``insufficient_user_quota`` with 403 or 400)."""
+    error = error_for_status(response)
+    if not isinstance(error, QuotaExhausted) and is_quota_error(body_error_tokens(response.body)):
+        return QuotaExhausted(error.message, status=response.status)
+    return error
+
+
+def raise_body_error(data: JSON, response: HttpResponse) -> None:
+    """Raise the typed error when a 2xx JSON body is an error object (gateways do this)."""
+    if isinstance(data, dict) and data.get("error") not in (None, "", {}):
+        raise error_from_object(data["error"], response)
+
+
+def looks_like_json(response: HttpResponse) -> bool:
+    """A body that is a JSON object rather than an event stream (a server may ignore
+    ``stream: true``, or answer an error as plain JSON)."""
+    return response.body.lstrip()[:1] == b"{"
+
+
+def schema_conflict(row: RequestRow, given: Mapping[str, JSON], *names: str) -> None:
+    """InputError when a row's (or the job's) params set what --response-format sets."""
+    for name in names:
+        if name in given:
+            raise InputError(row.source, f"{name!r} is given as a parameter and "
+                             "--response-format sets it too; give one of them", row.line, name)

@@ -22,23 +22,21 @@ from batcher.errors import (
     Retryable,
 )
 from batcher.providers.base import (
+    as_int,
     checked,
     decode_json,
     error_for_status,
-    join_url,
-    merged_params,
-    parse_duration,
-    register,
-    snippet,
-)
-from batcher.providers.openai import (
-    as_int,
     error_from_object,
+    join_url,
     json_text,
     merge_headers,
+    merged_params,
     normalise_finish_reason,
+    parse_duration,
+    register,
     require_model,
     schema_conflict,
+    snippet,
     user_messages,
 )
 from batcher.schema import SCHEMA_PARAMS
