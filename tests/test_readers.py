@@ -18,6 +18,7 @@ import pytest
 
 from batcher.errors import ConfigError, InputError
 from batcher.io import readers
+from batcher.io import rows as rows_module
 from batcher.io.readers import (
     OUTPUT_COLUMNS,
     InputProblem,
@@ -731,7 +732,7 @@ def test_memory_stays_flat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_fast_row_constructor_matches_the_dataclass() -> None:
-    fast = readers._make_request_row("a", "prompt", "f.jsonl", 3, "p", None, None, None, "m",
+    fast = rows_module._make_request_row("a", "prompt", "f.jsonl", 3, "p", None, None, None, "m",
                                      {"t": 1}, {"c": 2})
     assert fast == RequestRow("a", "prompt", "f.jsonl", 3, "p", None, None, None, "m",
                               {"t": 1}, {"c": 2})

