@@ -15,6 +15,12 @@ HEADROOM = 0.985
 any one-second window of a provider that counts in per-second slices sees at most
 floor(0.985 × limit) + 1 ≤ limit requests, while >97% of the limit is delivered."""
 
+TIMER_SLACK = 0.001
+"""Seconds by which the spacing floor sits below the limit's interval (at most a tenth of it):
+the event loop's timers wake up to a millisecond late (epoll rounds its timeout up to whole
+milliseconds), so a floor of exactly the interval would make every floor-bound send late and
+lose ~5% of a 6,000 RPM limit; a millisecond of catching up keeps delivery at the schedule."""
+
 MAX_COOLDOWN = 60.0
 DEFAULT_COOLDOWN = 1.0
 
@@ -30,9 +36,9 @@ class Pacer:
     banked either: after a pause the next send is simply "now", never a burst.
 
     With ``spacing`` (the request pacer), no two releases are ever closer than the limit's own
-    interval (``1 / per_second``), however late a waiter woke: a strict gateway limiter
-    (nginx ``limit_req`` without burst) refuses a request that follows the last one by less.
-    The 1.5% of headroom between the schedule and that floor is what a late wake-up may catch
+    interval (``1 / per_second``) less :data:`TIMER_SLACK`, however late a waiter woke: a
+    strict gateway limiter (nginx ``limit_req`` without burst) refuses a request that follows
+    the last one by less. The headroom and that millisecond are what a late wake-up may catch
     up. :meth:`push_back` moves the whole schedule behind a cooldown: waiters whose slots fell
     inside it take fresh, evenly spaced slots after it instead of leaving together.
     """
@@ -50,7 +56,8 @@ class Pacer:
         """Pace at a new rate from the next reservation on (slots already taken stand)."""
         self.per_second = per_second
         self.interval = 1.0 / (per_second * HEADROOM)
-        self.min_gap = 1.0 / per_second if self.spacing else 0.0
+        gap = 1.0 / per_second
+        self.min_gap = gap - min(TIMER_SLACK, 0.1 * gap) if self.spacing else 0.0
 
     async def acquire(self, amount: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
