@@ -231,6 +231,7 @@ class Runner:
         if warning is not None:
             self._log.warning("concurrency_capped", reason=warning)
             self.config = replace(self.config, concurrency=pool)
+            self.consumers = pool
         config = self.config
         options = config.reader_options()
         total = count_rows(config.input)

@@ -27,8 +27,10 @@ class EchoEngine:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.stopped: list[bool] = []
+        self.consumers = 0
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None:
+        self.consumers = job.consumers
         ended = 0
         while ended < job.consumers:
             row = await rows.get()
@@ -103,3 +105,17 @@ def test_the_budget_gate_is_the_jobs_whatever_the_engine(
     assert result.exit_code == 3, result.stderr
     assert "budget reached" in result.stderr
     assert echo[0].stopped == [False]                          # told to stop, once
+
+
+def test_an_engine_gets_the_pool_the_open_file_limit_allows(
+        tmp_path: Path, echo: list[EchoEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Capped at start (batcher.resources.fit_open_files): the engine's workers and the row
+    # queue's end markers follow the cap, not the --concurrency asked for.
+    monkeypatch.setattr(runner_module, "fit_open_files",
+                        lambda concurrency: (3, f"{concurrency} is too many: running 3"))
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url",
+                     "http://127.0.0.1:9/v1", "--model", "gpt-4o-mini", "--no-progress",
+                     "--concurrency", "64")
+    assert result.exit_code == 1, result.stderr                # r3 fails, as always
+    assert echo[0].consumers == 3 and echo[0].config.concurrency == 3
