@@ -40,7 +40,9 @@ PY
 if ! smoke; then
     echo "realserver setup: llama-cpp-python crashed on this CPU; rebuilding it portable"
     version=$(python -c "import llama_cpp; print(llama_cpp.__version__)")
-    python -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
+    # Drop the cached wheel, so that the portable one built now is what pip caches next.
+    python -m pip cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
+    python -m pip install -q --force-reinstall --no-deps "llama-cpp-python==$version"
     smoke
 fi
 echo "realserver setup: llama-cpp-python $(python -c 'import llama_cpp; print(llama_cpp.__version__)'), model $model"
