@@ -118,9 +118,9 @@ class Throttle:
     - ``x-ratelimit-remaining-*`` at zero cools down until one unit refills.
     - With no rpm/tpm given, the send rate is discovered AIMD-style: unpaced until a second
       429 (the first may answer a start-up burst), then paced at the rate seen in the last
-      second × :data:`DISCOVER_DECREASE`, cut
-      again on each further 429 and probed upward slowly on successes; concurrency adapts
-      too (halved on a 429, grown by one per window of successes, up to ``concurrency``).
+      second × :data:`DISCOVER_DECREASE`, cut again on each 429 that follows a success and
+      probed upward on successes; concurrency adapts too (halved on a 429, grown by one per
+      window of successes, up to ``concurrency``).
     - Streams cut while others run (a server that interrupts a stream when a new request
       arrives) halve the concurrency, down to one (:meth:`on_stream_cut`).
     """
