@@ -23,8 +23,9 @@ from batcher.estimate import EstimateReport, estimate
 from batcher.io.readers import iter_batches
 from batcher.jobfile import CLI_ONLY_KEYS, is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, bind_log_context, configure_logging, get_logger
-from batcher.runner import MAX_PROBLEMS_LOGGED, Runner, RunSummary, write_summary
+from batcher.runner import MAX_PROBLEMS_LOGGED, Runner
 from batcher.secrets import redact_argv
+from batcher.summary import RunSummary, write_summary
 from batcher.types import RequestRow
 
 T = TypeVar("T")

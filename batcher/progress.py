@@ -16,9 +16,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from batcher.runner import Progress as RunProgress
-from batcher.runner import RunSummary
 from batcher.spend import Spend
+from batcher.summary import Progress as RunProgress
+from batcher.summary import RunSummary
 
 REFRESH_S = 0.25
 

@@ -10,14 +10,11 @@ re-sends nothing.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import orjson
 import pyarrow.parquet as pq
@@ -61,7 +58,7 @@ from batcher.providers.base import MultiInputProvider
 from batcher.resources import explain_os_error, fit_open_files
 from batcher.results import Failed, RowBuilder, Sent, now_iso
 from batcher.secrets import redactor
-from batcher.spend import Spend
+from batcher.summary import Progress, RunSummary, usd, write_summary
 from batcher.tokens import (
     APPROX_FACTOR,
     request_input_tokens,
@@ -79,80 +76,6 @@ MAX_PROBLEMS_LOGGED = 20
 SAME_ERROR_ABORT = 20
 """Consecutive rows refused with the same client error, and no success, that stop the job."""
 
-
-
-@dataclass
-class Progress:
-    """Live counters, updated by the runner, read by whatever renders progress."""
-
-    total: int | None = None
-    already_done: int = 0
-    ok: int = 0
-    error: int = 0
-    bad_rows: int = 0
-    spend: Spend = field(default_factory=Spend)
-    """this run's tokens and cost (partial sums while some row's are unknown)."""
-    retries: int = 0
-    rate_limited: int = 0
-    cache_hits: int = 0
-    in_flight: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return self.already_done + self.ok + self.error
-
-
-@dataclass
-class RunSummary:
-    """What a run did; written beside the output as ``*.summary.json``."""
-
-    run_id: str
-    job: str | None
-    model: str | None
-    input: str
-    output: str
-    started_at: str
-    finished_at: str
-    duration_s: float
-    outcome: str
-    """finished | interrupted | aborted"""
-    exit_code: int
-    message: str | None
-    rows: int
-    """ids in the output (ok + error), this run and earlier ones."""
-    ok: int
-    error: int
-    skipped: int
-    """bad input rows reported and skipped."""
-    resumed: int
-    """rows already done when this run started."""
-    sent_this_run: int
-    prompt_tokens: int | None
-    """tokens and cost: the whole output's (every run of it, retried errors included); None
-    when some ok row's usage / cost is unknown (never a silent 0: see the ``*_known`` sums
-    and the ``rows_*`` counts below)."""
-    completion_tokens: int | None
-    cost_usd: float | None
-    cost_usd_this_run: float | None
-    errors_by_type: dict[str, int]
-    resume_command: str | None = None
-    cache_hits: int = 0
-    """rows of this run served from the response cache (not sent, cost 0)."""
-    cost_usd_known: float = 0.0
-    """the cost of the ``rows_priced`` rows (all of ``cost_usd`` when nothing is unknown)."""
-    rows_priced: int = 0
-    rows_cost_unknown: int = 0
-    """ok rows whose cost is unknown: no price for the model, or no usage reported."""
-    prompt_tokens_known: int = 0
-    """the tokens of the ``rows_usage_reported`` rows."""
-    completion_tokens_known: int = 0
-    rows_usage_reported: int = 0
-    rows_usage_unknown: int = 0
-    """ok rows whose answer carried no usage (e.g. a stream without a usage chunk)."""
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class Runner:
@@ -705,8 +628,8 @@ class Runner:
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
             sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
-            completion_tokens=totals.completion_tokens, cost_usd=_usd(totals.cost_usd),
-            cost_usd_this_run=_usd(p.spend.cost_usd), errors_by_type=dict(self._errors_by_type),
+            completion_tokens=totals.completion_tokens, cost_usd=usd(totals.cost_usd),
+            cost_usd_this_run=usd(p.spend.cost_usd), errors_by_type=dict(self._errors_by_type),
             cache_hits=p.cache_hits, cost_usd_known=round(totals.cost_usd_known, 6),
             rows_priced=totals.rows_priced, rows_cost_unknown=totals.rows_cost_unknown,
             prompt_tokens_known=totals.prompt_tokens_known,
@@ -716,22 +639,6 @@ class Runner:
         )
         write_summary(config.summary_path, summary)
         return summary
-
-
-def _usd(amount: float | None) -> float | None:
-    return round(amount, 6) if amount is not None else None
-
-
-def write_summary(path: Path, summary: RunSummary) -> None:
-    """Atomically write the summary JSON (tmp + rename) so a reader never sees half of it.
-    A disk too full for it costs the summary file, not the run: a warning says so."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp")
-    try:
-        tmp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        get_logger().warning("summary_not_written", path=str(path), reason=str(exc))
 
 
 def _input_token_bound(row: RequestRow, model: str | None) -> int:

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from batcher.progress import render_summary, show_progress
-from batcher.runner import Progress, RunSummary
 from batcher.simulate import SimulatorThread
 from batcher.spend import Spend
+from batcher.summary import Progress, RunSummary
 from tests.conftest import prompts, run_cli, write_jsonl
 
 
