@@ -111,7 +111,8 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _own_argv(fallback: list[str]) -> list[str]:
     """This process's arguments when it is the batcher command (for the resume hint);
     ``fallback`` when batcher is driven from Python."""
-    if Path(sys.argv[0]).name in ("batcher", "__main__.py"):
+    own = Path(sys.argv[0])
+    if own.name == "batcher" or (own.name == "__main__.py" and own.parent.name == "batcher"):
         return sys.argv[1:]
     return fallback
 

@@ -65,6 +65,7 @@ def render_summary(summary: RunSummary, stream: TextIO) -> None:
         ("rows", f"{summary.rows:,} ({summary.ok:,} ok, {summary.error:,} error, "
                  f"{summary.skipped:,} bad input skipped)"),
         ("this run", f"{summary.sent_this_run:,} answered in {summary.duration_s:,.1f} s"
+                     + (f", {summary.cache_hits:,} from the cache" if summary.cache_hits else "")
                      + (f", {summary.resumed:,} already done" if summary.resumed else "")),
         ("tokens", tokens_text(summary)),
         ("cost", cost_text(summary)),

@@ -627,7 +627,7 @@ class Runner:
             duration_s=round(time.monotonic() - t0, 3), outcome=outcome, exit_code=int(code),
             message=message, rows=ok + error if outcome == "finished" else p.done,
             ok=ok, error=error, skipped=p.bad_rows, resumed=p.already_done,
-            sent_this_run=p.ok + p.error, prompt_tokens=totals.prompt_tokens,
+            sent_this_run=p.ok + p.error - p.cache_hits, prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens, cost_usd=usd(totals.cost_usd),
             cost_usd_this_run=usd(p.spend.cost_usd), errors_by_type=dict(self._errors_by_type),
             cache_hits=p.cache_hits, cost_usd_known=round(totals.cost_usd_known, 6),

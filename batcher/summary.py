@@ -62,6 +62,7 @@ class RunSummary:
     resumed: int
     """rows already done when this run started."""
     sent_this_run: int
+    """rows this run sent and got an answer or an error for (cache hits are not sent)."""
     prompt_tokens: int | None
     """tokens and cost: the whole output's (every run of it, retried errors included); None
     when some ok row's usage / cost is unknown (never a silent 0: see the ``*_known`` sums

@@ -38,7 +38,7 @@ def test_second_identical_run_sends_nothing_and_writes_the_same_answers(
     assert set(b.column("cost_usd").to_pylist()) == {0.0}
     assert b.column("cost_usd_original").to_pylist() == a.column("cost_usd").to_pylist()
     summary = json.loads((tmp_path / "b.summary.json").read_text())
-    assert summary["cache_hits"] == 20
+    assert summary["cache_hits"] == 20 and summary["sent_this_run"] == 0
 
     # the dry run sees the hits and prices only the rest
     more = write_jsonl(tmp_path / "more.jsonl", prompts(25))

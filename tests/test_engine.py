@@ -105,6 +105,10 @@ def test_the_budget_gate_is_the_jobs_whatever_the_engine(
     assert result.exit_code == 3, result.stderr
     assert "budget reached" in result.stderr
     assert echo[0].stopped == [False]                          # told to stop, once
+    # The resume line is this job's command, never the test runner's own arguments (under
+    # `python -m pytest`, sys.argv[0] is pytest's __main__.py).
+    resume = json.loads((tmp_path / "out.summary.json").read_text())["resume_command"]
+    assert resume.startswith(f"batcher run {src} -o {out}"), resume
 
 
 def test_an_engine_gets_the_pool_the_open_file_limit_allows(
