@@ -15,28 +15,10 @@ from batcher.providers import get_provider
 from batcher.schema import ResponseSchema, gemini_schema
 from batcher.simulator import structured
 from batcher.types import HttpResponse, RequestContext, RequestRow
-from tests.conftest import ROOT
 from tests.golden_cases import GOLDEN_ROOT, assert_request_matches, load, make_row
+from tests.structured_cases import EXAMPLE_SCHEMA, SCHEMA, TICKET
 
 GOLDEN = GOLDEN_ROOT / "structured"
-EXAMPLE_SCHEMA = ROOT / "examples" / "classify_schema.json"
-
-TICKET: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ticket",
-    "description": "How a ticket is routed.",
-    "type": "object",
-    "properties": {
-        "category": {"type": "string", "enum": ["billing", "bug", "other"]},
-        "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
-        "note": {"type": ["string", "null"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "kind": {"const": "ticket"},
-    },
-    "required": ["category", "urgency", "note", "tags", "kind"],
-    "additionalProperties": False,
-}
-SCHEMA = ResponseSchema.from_dict(TICKET, source="ticket.json")
 GOOD = {"category": "bug", "urgency": 4, "note": None, "tags": ["ui"], "kind": "ticket"}
 
 

@@ -14,32 +14,13 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from batcher.io.flatten import arrow_type
-from batcher.schema import ANTHROPIC_TOOL_PROMPT_TOKENS, ResponseSchema
+from batcher.schema import ANTHROPIC_TOOL_PROMPT_TOKENS
 from batcher.simulate import SimulatorThread
 from batcher.tokens import count_text, request_input_tokens
 from batcher.types import RequestContext
 from tests.conftest import ROOT, read_output, run_cli, write_jsonl
 from tests.golden_cases import make_row
-
-EXAMPLE_SCHEMA = ROOT / "examples" / "classify_schema.json"
-
-TICKET: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ticket",
-    "description": "How a ticket is routed.",
-    "type": "object",
-    "properties": {
-        "category": {"type": "string", "enum": ["billing", "bug", "other"]},
-        "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
-        "note": {"type": ["string", "null"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "kind": {"const": "ticket"},
-    },
-    "required": ["category", "urgency", "note", "tags", "kind"],
-    "additionalProperties": False,
-}
-SCHEMA = ResponseSchema.from_dict(TICKET, source="ticket.json")
-
+from tests.structured_cases import EXAMPLE_SCHEMA, SCHEMA, TICKET
 
 # --- flatten types -----------------------------------------------------------------------
 
