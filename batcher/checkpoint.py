@@ -59,7 +59,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +70,7 @@ from batcher.io.writer import (
     encode_records,
     fsync_dir,
     has_flattened_columns,
+    iter_id_status,
     result_to_record,
     write_final,
     write_part,
@@ -131,12 +132,13 @@ class StateStore:
         self.state_dir = state_dir
         self.run_id = run_id
         self.compact_every = compact_every
-        self.counters = record.counters
+        self._counters = record.counters
+        self._counted = False  # ok/error of _counters are up to date
         self.discarded_records = record.discarded
         self.corrupt_parts = list(record.corrupt)
         self.warnings = list(record.warnings)
         self._meta = meta
-        self._record = record
+
         self._output_trusted = record.output_trusted
         self._lock_fd: int | None = lock_fd
         self._mutex = threading.RLock()
@@ -198,7 +200,7 @@ class StateStore:
                         "--force-resume to keep its results and continue with the new settings")
                 meta["fingerprint"] = new_fp
                 meta["force_resumed_at"] = now_iso()
-            record = _scan(state, output, meta, repair=True)
+            record = _scan(state, output, meta, repair=True, count=False)
             if record.output_trusted and meta.get("finalizing"):
                 _promote_finalizing(meta, output)
             meta.pop("finalizing", None)
@@ -228,12 +230,51 @@ class StateStore:
         with self._mutex:
             return dict(self._meta)
 
-    def done_ids(self, *, include_errors: bool) -> set[str]:
-        """Ids with a durable result: latest result ok, or (``include_errors``) any result."""
+    @property
+    def counters(self) -> Counters:
+        """The running totals (live object). Spend is kept as results arrive; ``ok``/``error``
+        (ids by their latest result) are counted from the result files when asked after a
+        change, and at :meth:`close`: one flat pass over every id
+        (:func:`batcher.io.idindex.latest_counts`)."""
         with self._mutex:
-            if include_errors:
-                return self._record.ok | self._record.err
-            return set(self._record.ok)
+            if not self._counted and self._lock_fd is not None:
+                record = _Record(sources=self.result_sources())
+                record.resolve(self.state_dir)
+                self._counters.ok, self._counters.error = (record.counters.ok,
+                                                           record.counters.error)
+                self._counted = True
+            return self._counters
+
+    @property
+    def spend(self) -> Spend:
+        """The spend so far (the :class:`Spend` fields of :attr:`counters`), without counting."""
+        return self._counters
+
+    def result_sources(self) -> list[Path]:
+        """The files holding every durable result, oldest first (the trusted output, parts,
+        the live journal); the latest row of an id wins. Valid until the next append."""
+        with self._mutex:
+            files = _list_state(self.state_dir)
+            sources = [self.output] if self._output_trusted else []
+            sources += [files.parts[seq] for seq in sorted(files.parts)]
+            journal = self._journal_path(self._seq)
+            if self._journal_fd is not None and os.fstat(self._journal_fd).st_size:
+                sources.append(journal)
+            return sources
+
+    def done_ids(self, *, include_errors: bool) -> set[str]:
+        """Ids with a durable result: latest result ok, or (``include_errors``) any result.
+
+        A Python set of every such id (memory per id): for small states and tests; a run
+        uses :meth:`result_sources` through :func:`batcher.io.idindex.build_plan`."""
+        with self._mutex:
+            self._check_open()
+            latest: dict[str, bool] = {}
+            for path in self.result_sources():
+                for ids, is_ok in iter_id_status(path):
+                    latest.update(zip(cast("list[str]", ids.to_pylist()),
+                                      cast("list[bool]", is_ok.to_pylist()), strict=True))
+            return {key for key, good in latest.items() if include_errors or good}
 
     # -- writing ------------------------------------------------------------------------
 
@@ -259,10 +300,9 @@ class StateStore:
                 raise
             self._need_newline = False
             for r in rows:
-                self._record.set_status(r.id, r.status == "ok")
-                self.counters.add_result(r.status == "ok", r.prompt_tokens,
-                                         r.completion_tokens, r.cost_usd)
-            self._record.finish()
+                self._counters.add_result(r.status == "ok", r.prompt_tokens,
+                                          r.completion_tokens, r.cost_usd)
+            self._counted = False
             self._journal_rows += len(rows)
             now = time.monotonic()
             if now - self._last_fsync >= FSYNC_INTERVAL:
@@ -311,7 +351,7 @@ class StateStore:
             token = uuid.uuid4().hex
             record: dict[str, JSON] = {"finalized_token": token,
                                        "finalized_through_seq": through,
-                                       "finalized_totals": Spend.to_json(self.counters)}
+                                       "finalized_totals": Spend.to_json(self._counters)}
             self._meta["finalizing"] = record
             _write_meta(self.state_dir, self._meta)
             try:
@@ -348,6 +388,7 @@ class StateStore:
             try:
                 if self._broken is None:
                     self._compact()
+                    self.counters  # noqa: B018 - counted while the files are still ours
                 elif self._journal_fd is not None:
                     os.fsync(self._journal_fd)
             finally:

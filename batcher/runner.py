@@ -43,7 +43,15 @@ from batcher.errors import (
     TransportError,
 )
 from batcher.io.flatten import flat_fields
-from batcher.io.readers import InputProblem, ReaderOptions, count_rows, iter_batches
+from batcher.io.idindex import RowPlan, build_plan
+from batcher.io.readers import (
+    InputProblem,
+    ReaderOptions,
+    count_rows,
+    iter_batches,
+    iter_row_ids,
+)
+from batcher.io.writer import iter_id_status
 from batcher.log import get_logger
 from batcher.pricing import (
     Budget,
@@ -170,18 +178,23 @@ class Runner:
         try:
             if config.cache is not None:
                 self._cache = ResponseCache(config.cache)
-            skip = store.done_ids(include_errors=not config.retry_failed)
+            # Which rows are done and which are duplicates: one pass over the input's ids
+            # and the state's, spilled beside the state (nothing kept per row).
+            plan = build_plan(iter_row_ids(config.input, options),
+                              (iter_id_status(p) for p in store.result_sources()),
+                              rows_hint=total, ok_only=config.retry_failed,
+                              folder=config.state_dir)
             # The cap is for the output, not for one run: earlier runs' spend counts.
-            self._budget.spent = store.counters.cost_usd_known
+            self._budget.spent = store.spend.cost_usd_known
             self.progress.total = total
-            self.progress.already_done = len(skip)
+            self.progress.already_done = plan.done
             store.update_meta(status="running", total_rows=total,
                               started_at=started_at)
             self._log.info("run_started", input=str(config.input), output=str(config.output),
-                           rows=total, already_done=len(skip), endpoint=config.endpoint,
+                           rows=total, already_done=plan.done, endpoint=config.endpoint,
                            model=config.model, concurrency=config.concurrency)
             try:
-                await self._pipeline(store, options, skip)
+                await self._pipeline(store, options, plan)
             except OSError as exc:
                 explained = explain_os_error(exc, config.output, config.state_dir)
                 if explained is None:
@@ -307,14 +320,14 @@ class Runner:
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
+    async def _pipeline(self, store: StateStore, options: ReaderOptions, plan: RowPlan) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
         self._engine = engine = get_engine(config)
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._write(store))
-                self._reader = group.create_task(self._read(rows, options, skip))
+                self._reader = group.create_task(self._read(rows, options, plan))
                 await engine.run(rows, self)
                 if self.stop_reason is None:
                     self._release_held()
@@ -335,9 +348,9 @@ class Runner:
             self._workers_done = True
 
     async def _read(self, rows: asyncio.Queue[RequestRow | None], options: ReaderOptions,
-                    skip: set[str]) -> None:
+                    plan: RowPlan) -> None:
         try:
-            for batch in iter_batches(self.config.input, options, skip_ids=skip):
+            for batch in iter_batches(self.config.input, options, plan=plan):
                 for problem in batch.problems:
                     self._report_problem(problem)
                 for row in batch.rows:

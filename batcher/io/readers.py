@@ -15,13 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher.errors import InputError
+from batcher.io.idindex import RowPlan, build_plan
 from batcher.io.rows import (
     _BOM,
     _CHUNK_BYTES,
     _GZ_SUFFIXES,
     _JSONL_SUFFIXES,
+    _LINE_BITS,
     _PARQUET_BUFFER_BYTES,
     _SUPPORTED,
+    BATCH_ID_COLUMN,
+    DEFAULT_ID_COLUMN,
     DEFAULT_PROMPT_COLUMN,
     OUTPUT_COLUMNS,
     InputProblem,
@@ -36,7 +40,7 @@ from batcher.types import RequestRow, RowShape
 
 __all__ = [
     "OUTPUT_COLUMNS", "InputProblem", "ReaderOptions", "RowBatch", "count_rows",
-    "detect_shape", "iter_batches",
+    "detect_shape", "iter_batches", "iter_row_ids",
 ]
 
 
@@ -44,30 +48,29 @@ __all__ = [
 
 
 def iter_batches(path: Path, options: ReaderOptions,
-                 skip_ids: AbstractSet[str] | None = None) -> Iterator[RowBatch]:
+                 skip_ids: AbstractSet[str] | None = None, *,
+                 plan: RowPlan | None = None,
+                 spill_folder: Path | None = None) -> Iterator[RowBatch]:
     """Stream ``path`` as batches of request rows, in input order.
-
-    Working memory is bounded by ``batch_size`` rows plus a 1 MiB read buffer (JSONL) or
-    one buffered Parquet record batch, whatever the input's size.
 
     Raises :class:`InputError` at once for a missing, unsupported, empty or unreadable input
     (and for a Parquet file whose columns cannot serve ``options``), and from the iterator
     when reading fails midway. ``ConfigError`` for a bad template.
 
-    Rows whose id is in ``skip_ids`` are not returned (resume) but still count toward
-    duplicate detection and ``lines_read``. An id belongs to the first row that has it, even
-    when that row is reported for another problem; later rows with it are duplicates. (A
-    duplicate of a skipped id is reported without the first row's position: skipped ids are
-    tracked in a set, with one hash operation per skipped row, which is what makes resuming a
-    mostly-done input fast.)
+    Duplicates and done rows come from a :class:`~batcher.io.idindex.RowPlan`: ``plan`` when
+    given (the runner builds it with the state's results), else one built from the input's
+    ids and ``skip_ids`` by a pre-pass at the first ``next()`` (spilled to ``spill_folder``,
+    default the system temp folder). Rows the plan says are done are not returned (resume)
+    but still count in ``lines_read``. An id belongs to the first row that has it, even when
+    that row is reported for another problem; later rows with it are duplicates, reported
+    with where the first one is (or that it is done already).
 
-    The only state that grows with the input is the map of ids seen so far (id string →
-    packed first position, needed to say where a duplicate was first seen): about 125 bytes
-    per 12-character id, i.e. ~1.2 GB for 10M rows; skipped ids are not in it, but a copy of
-    ``skip_ids`` is held instead (shrinking as they are met).
+    Memory: ``batch_size`` rows plus a 1 MiB read buffer (JSONL) or one buffered Parquet
+    record batch, plus the plan's two bits per row; nothing per id.
     """
     kind, files = _resolve(Path(path))
     template = _Template.parse(options.template) if options.template is not None else None
+    sources = [str(f) for f in files]
     if kind == "parquet":
         # Check every file before the first row (fatal problems surface at once), but open
         # each again only when its turn comes: a directory may hold thousands of files.
@@ -80,13 +83,161 @@ def iter_batches(path: Path, options: ReaderOptions,
             plans.append((file, _parquet_shape(str(file), names, options, template)))
         if total == 0:
             raise InputError(str(path), "empty input: no rows")
-        builder = _RowBuilder(options, template, skip_ids, [str(f) for f in files])
-        return _iter_parquet(builder, plans, options.batch_size)
-    source = str(files[0])
-    if not _has_data_line(files[0], source):
-        raise InputError(source, "empty file: no non-blank lines")
-    builder = _RowBuilder(options, template, skip_ids, [source])
-    return builder.jsonl_batches(_read_blocks(files[0], source, kind == "jsonl.gz"), source)
+    elif not _has_data_line(files[0], sources[0]):
+        raise InputError(sources[0], "empty file: no non-blank lines")
+
+    def batches() -> Iterator[RowBatch]:
+        row_plan = plan
+        if row_plan is None:
+            row_plan = build_plan(iter_row_ids(path, options), rows_hint=count_rows(path),
+                                  skip_ids=skip_ids or (), folder=spill_folder)
+        builder = _RowBuilder(options, template, row_plan, sources)
+        if kind == "parquet":
+            yield from _iter_parquet(builder, plans, options.batch_size)
+        else:
+            yield from builder.jsonl_batches(
+                _read_blocks(files[0], sources[0], kind == "jsonl.gz"), sources[0])
+
+    return batches()
+
+
+def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str], list[int],
+                                                                      list[int]]]:
+    """Batches of (id, data-row ordinal, packed position) of the input's rows that own an id,
+    by the reader's own rules (:class:`batcher.io.rows._RowBuilder`): a string id (not
+    empty), an integer id as text, or ``row-{ordinal}`` when the input gives no ids. The
+    pre-pass of :func:`iter_batches`: parses JSONL lines (only their id is kept); reads only
+    the id column of Parquet files."""
+    kind, files = _resolve(Path(path))
+    template = _Template.parse(options.template) if options.template is not None else None
+    rule = _IdPass(options)
+    if kind == "parquet":
+        for file_index, file in enumerate(files):
+            with _open_parquet(file) as parquet_file:
+                names = parquet_file.schema_arrow.names
+                shape = _parquet_shape(str(file), names, options, template)
+                column = rule.column(shape)
+                if column not in names:
+                    line = 0
+                    for meta_rows in _row_group_sizes(parquet_file):
+                        rule.start()
+                        for _ in range(meta_rows):
+                            line += 1
+                            rule.add(None, line, file_index)
+                        yield rule.take()
+                    continue
+                line = 0
+                for batch in _record_batches_of(parquet_file, str(file), column):
+                    rule.start()
+                    for value in batch.column(0).to_pylist():
+                        line += 1
+                        rule.add(value, line, file_index)
+                    yield rule.take()
+        return
+    fixed_shape: RowShape | None = None
+    if template is not None or options.prompt_column is not None:
+        fixed_shape = "template" if template is not None else "prompt"
+    id_column = rule.column(fixed_shape) if fixed_shape is not None else None
+    loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
+    line = 0
+    first = True
+    for block in _read_blocks(files[0], str(files[0]), kind == "jsonl.gz"):
+        if first and block.startswith(_BOM):
+            block = block[len(_BOM):]
+        first = False
+        pieces = block.split(b"\n")
+        if block.endswith(b"\n"):
+            pieces.pop()
+        rule.start()
+        for raw in pieces:
+            line += 1
+            try:
+                obj = loads(raw)
+            except decode_error:
+                if raw.strip():
+                    rule.ordinal += 1
+                continue
+            if type(obj) is not dict:
+                rule.ordinal += 1
+                continue
+            if id_column is None:
+                detected = detect_shape(obj, options)
+                if detected is None:
+                    rule.ordinal += 1
+                    continue
+                id_column = rule.column(detected)
+            rule.add(obj.get(id_column), line, 0)
+        yield rule.take()
+
+
+class _IdPass:
+    """The id rules of :class:`batcher.io.rows._RowBuilder`, for ids only (see
+    :func:`iter_row_ids`)."""
+
+    def __init__(self, options: ReaderOptions) -> None:
+        self.options = options
+        self.given: bool | None = None
+        self.ordinal = 0
+        self.ids: list[str] = []
+        self.ordinals: list[int] = []
+        self.positions: list[int] = []
+
+    def column(self, shape: RowShape) -> str:
+        if self.options.id_column is not None:
+            return self.options.id_column
+        return BATCH_ID_COLUMN if shape == "batch" else DEFAULT_ID_COLUMN
+
+    def start(self) -> None:
+        self.ids, self.ordinals, self.positions = [], [], []
+
+    def take(self) -> tuple[list[str], list[int], list[int]]:
+        return self.ids, self.ordinals, self.positions
+
+    def add(self, raw_id: object, line: int, file_index: int) -> None:
+        """One data row (its ordinal is counted here) with id value ``raw_id``."""
+        self.ordinal += 1
+        if type(raw_id) is str:
+            if not raw_id:
+                return
+            row_id = raw_id
+        elif raw_id is None:
+            if self.given:
+                return
+            self.given = False
+            row_id = f"row-{self.ordinal}"
+        elif type(raw_id) is int:
+            row_id = str(raw_id)
+        else:
+            return
+        if raw_id is not None:
+            if self.given is False:
+                return
+            self.given = True
+        self.ids.append(row_id)
+        self.ordinals.append(self.ordinal)
+        self.positions.append(file_index << _LINE_BITS | line)
+
+
+def _row_group_sizes(parquet_file: pq.ParquetFile) -> Iterator[int]:
+    metadata = parquet_file.metadata
+    for index in range(metadata.num_row_groups):
+        yield metadata.row_group(index).num_rows
+
+
+def _record_batches_of(parquet_file: pq.ParquetFile, source: str,
+                       column: str) -> Iterator[pa.RecordBatch]:
+    """One column's record batches; decoding errors become InputError."""
+    iterator = iter(parquet_file.iter_batches(batch_size=65_536, columns=[column],
+                                              use_threads=False))
+    while True:
+        try:
+            record_batch = next(iterator)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise InputError(source, f"cannot read Parquet: {_short(exc)}") from exc
+        yield record_batch
 
 
 def count_rows(path: Path) -> int:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
 import orjson
 
 from batcher.errors import ConfigError
+from batcher.io.idindex import DONE, DUPLICATE, RowPlan
 from batcher.types import JSON, RequestRow, RowShape
 
 OUTPUT_COLUMNS: Final[tuple[str, ...]] = (
@@ -188,10 +188,10 @@ def _template_text(value: Any) -> str:
 class _RowBuilder:
     """Turns decoded rows into :class:`RequestRow` or :class:`InputProblem`.
 
-    Owns what spans the whole input: the running data-row ordinal (for ``row-{n}`` ids), the
-    first position of every id seen that is not skipped, the skipped ids not met yet (both
-    for duplicates: an id is either skipped in every row that has it or in none), and whether
-    the input gives ids at all.
+    Owns what spans the whole input: the running data-row ordinal (for ``row-{n}`` ids) and
+    whether the input gives ids at all. Which rows are done already and which are duplicates
+    (and where their id was first seen) the :class:`~batcher.state.idindex.RowPlan` says, by
+    ordinal: a pre-pass over the ids (:func:`iter_row_ids`), so nothing is kept per id here.
 
     Ids are all or nothing: the first data row with a usable id, or without one, decides for
     the whole input. A generated ``row-{n}`` can then never take an id the input uses (a
@@ -199,16 +199,13 @@ class _RowBuilder:
     """
 
     def __init__(self, options: ReaderOptions, template: _Template | None,
-                 skip_ids: AbstractSet[str] | None, sources: list[str]) -> None:
+                 plan: RowPlan | None, sources: list[str]) -> None:
         self.options = options
         self.template = template
-        self.skip_ids = skip_ids if skip_ids else None
-        # One hash operation per skipped row (a removal) instead of a lookup plus an insert.
-        self.unseen_skips: set[str] | None = set(skip_ids) if skip_ids else None
+        self.plan = plan
         self.sources = sources
         self.prompt_column = options.prompt_column or DEFAULT_PROMPT_COLUMN
         self.ordinal = 0
-        self.seen: dict[str, int] = {}
         self.ids = _IdRule()
 
     def id_column(self, shape: RowShape) -> str:
@@ -231,10 +228,10 @@ class _RowBuilder:
         if self.template is not None or self.options.prompt_column is not None:
             shape = "template" if self.template is not None else "prompt"
         build = self.row_function(shape, source, 0) if shape is not None else None
-        # Resume: a row with a string id met for the first time and to be skipped is dealt
-        # with right here, not in `build`: most lines of a mostly-done input are such.
-        unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
-        id_column = self.id_column(shape) if shape is not None else ""
+        # Resume: a row the plan says is done is skipped right here, unparsed, once the id
+        # rule is decided: most lines of a mostly-done input are such.
+        plan = self.plan
+        plan_state = plan.state if plan is not None and plan.done else None
         ids = self.ids
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
@@ -253,6 +250,15 @@ class _RowBuilder:
                 pieces.pop()  # the empty piece after the final newline
             for raw in pieces:
                 line += 1
+                if plan_state is not None and raw[:1] == b"{" and ids.given is not None \
+                        and build is not None and plan_state(ordinal + 1) == DONE:
+                    consumed += 1
+                    ordinal += 1
+                    if consumed >= batch_size:
+                        self.ordinal = ordinal
+                        yield RowBatch(rows, problems, consumed)
+                        rows, problems, consumed = [], [], 0
+                    continue
                 # orjson skips surrounding whitespace (and "\r") itself; blank lines are told
                 # apart only on the error path, which keeps the common path lean.
                 try:
@@ -269,17 +275,11 @@ class _RowBuilder:
                     if type(obj) is not dict:
                         problems.append(InputProblem(
                             source, line, None, f"not a JSON object (got {_kind(obj)})"))
-                    elif unseen_remove is not None and build is not None and type(
-                            row_id := obj.get(id_column)) is str and ids.given is not False \
-                            and _removed(unseen_remove, row_id):
-                        if ids.given is None:  # skipped (done already), but it gives an id
-                            ids.decide(True, self.where(line))
                     else:
                         if build is None:
                             shape = detect_shape(obj, self.options)
                             if shape is not None:
                                 build = self.row_function(shape, source, 0)
-                                id_column = self.id_column(shape)
                         if build is None:
                             problems.append(InputProblem(
                                 source, line, self.prompt_column,
@@ -310,10 +310,10 @@ class _RowBuilder:
         """
         id_column = self.id_column(shape)
         prompt_column = self.prompt_column
-        seen_setdefault = self.seen.setdefault
         ids = self.ids
-        skip_ids = self.skip_ids if self.skip_ids is not None else frozenset()
-        unseen_remove = self.unseen_skips.remove if self.unseen_skips is not None else None
+        row_plan = self.plan
+        plan_state = row_plan.state if row_plan is not None and (
+            row_plan.done or row_plan.duplicates) else None
         template = self.template
         where = self.where
         base = file_index << _LINE_BITS
@@ -344,17 +344,19 @@ class _RowBuilder:
                 if ids.given is False:
                     return InputProblem(source, line, id_column, ids.unexpected())
                 ids.decide(True, where(base | line))
-            if unseen_remove is not None:
-                if _removed(unseen_remove, row_id):
-                    return None  # done already
-                if row_id in skip_ids:
-                    return InputProblem(source, line, id_column, f"duplicate id {row_id!r} (an "
-                                        "earlier row has it, and that row is done already)")
-            position = base | line
-            first = seen_setdefault(row_id, position)
-            if first != position:
-                return InputProblem(source, line, id_column,
-                                    f"duplicate id {row_id!r} (first seen at {where(first)})")
+            if plan_state is not None:
+                state = plan_state(ordinal)
+                if state == DONE:
+                    return None
+                if state == DUPLICATE:
+                    assert row_plan is not None
+                    first, first_done = row_plan.first(ordinal)
+                    if first_done:
+                        return InputProblem(source, line, id_column, f"duplicate id {row_id!r} "
+                                            "(an earlier row has it, and that row is done "
+                                            "already)")
+                    return InputProblem(source, line, id_column, f"duplicate id {row_id!r} "
+                                        f"(first seen at {where(first)})")
 
             prompt: str | None = None
             messages: list[dict[str, JSON]] | None = None
@@ -520,15 +522,6 @@ def _request_row_factory() -> Callable[..., RequestRow]:
 
 
 _make_request_row = _request_row_factory()
-
-
-def _removed(remove: Callable[[str], None], item: str) -> bool:
-    """Whether ``remove(item)`` found ``item`` (and removed it)."""
-    try:
-        remove(item)
-    except KeyError:
-        return False
-    return True
 
 
 def _check_messages(value: Any) -> str | None:

@@ -450,6 +450,43 @@ def write_part(journal: Path, part: Path) -> JournalScan:
     return scan
 
 
+ID_BATCH_ROWS = 65_536
+"""Rows per batch when only the ids and statuses of a source are read."""
+
+
+def _combined(array: pa.ChunkedArray[Any] | pa.Array[Any]) -> pa.Array[Any]:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def iter_id_status(path: Path) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
+    """(ids, is_ok) batches of one result source, in its row order: a Parquet part/output
+    (``id``, ``status`` columns) or a journal (``.jsonl``; torn or bad lines skipped as
+    :func:`iter_journal` does)."""
+    if path.name.endswith(".jsonl"):
+        ids: list[str] = []
+        oks: list[bool] = []
+        for record in iter_journal(path):
+            ids.append(cast("str", record["id"]))
+            oks.append(record.get("status") == "ok")
+            if len(ids) >= ID_BATCH_ROWS:
+                yield pa.array(ids, pa.string()), pa.array(oks, pa.bool_())
+                ids, oks = [], []
+        if ids:
+            yield pa.array(ids, pa.string()), pa.array(oks, pa.bool_())
+        return
+    with pq.ParquetFile(path, pre_buffer=False) as parquet_file:
+        names = parquet_file.schema_arrow.names
+        if "id" not in names or "status" not in names:
+            raise ValueError(f"{path} has no id/status columns")
+        for batch in parquet_file.iter_batches(batch_size=ID_BATCH_ROWS, columns=["id", "status"],
+                                               use_threads=False):
+            is_ok = pc.fill_null(pc.equal(batch.column("status"), pa.scalar("ok")),
+                                 pa.scalar(False))
+            yield (_combined(batch.column("id")).cast(pa.string()),
+                   _combined(cast("pa.Array[Any]", is_ok)))
+
+
+
 # --- the final output ---------------------------------------------------------------------
 
 

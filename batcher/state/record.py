@@ -17,9 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import InputError
+from batcher.io.idindex import latest_counts
 from batcher.io.writer import (
     JournalScan,
     fsync_dir,
+    iter_id_status,
     iter_journal,
     read_metadata,
     tmp_path_for,
@@ -114,13 +116,16 @@ class Counters(Spend):
 
 @dataclass(slots=True)
 class _Record:
-    """What a scan of the state found. ``ok``/``err``: ids whose latest result is ok / not ok
-    (disjoint). Two sets rather than one dict: building them from Arrow columns is about twice
-    as fast, and ``done_ids`` becomes a plain copy.
+    """What a scan of the state found.
 
-    Sources are added oldest first with :meth:`add_table` and resolved together by
-    :meth:`finish`: when no id has more than one result (the usual case) the sets are filled in
-    one go, with no per-source set arithmetic; otherwise source by source, the later winning.
+    A state's results stay on disk: ``sources`` lists its result files (the trusted output,
+    parts, a live journal), oldest first, and :meth:`resolve` counts the ids whose latest
+    result is ok / not ok with :func:`batcher.io.idindex.latest_counts` (flat memory, one
+    pass). Nothing per id is held.
+
+    Small in-memory tables may also be added with :meth:`add_table` (oldest first, resolved
+    by :meth:`finish`) into the sets ``ok``/``err`` (ids whose latest result is ok / not ok,
+    disjoint); :func:`_scan` does not use them.
     """
 
     ok: set[str] = field(default_factory=set)
@@ -134,6 +139,21 @@ class _Record:
     pending: list[tuple[pa.ChunkedArray[Any], pa.ChunkedArray[Any]]] = field(
         default_factory=list)
     """(ids, is_ok) of the sources added since the last :meth:`finish`, oldest first."""
+    sources: list[Path] = field(default_factory=list)
+    rows: int = 0
+    """Result rows in ``sources`` (superseded ones included): sizes the spill."""
+
+    def add_source(self, path: Path, rows: int) -> None:
+        """A result file on disk, newer than every source before; counted by :meth:`resolve`."""
+        self.sources.append(path)
+        self.rows += rows
+
+    def resolve(self, folder: Path | None = None) -> None:
+        """Count ``ok``/``error`` of the counters from ``sources`` (ids by latest result)."""
+        ok, error = latest_counts((iter_id_status(p) for p in self.sources), self.rows,
+                                  folder=folder)
+        self.counters.ok = ok + len(self.ok)
+        self.counters.error = error + len(self.err)
 
     def add_table(self, table: pa.Table, *, spend: bool) -> None:
         """Results of one source (``id``, ``status`` columns), newer than everything added
@@ -205,7 +225,7 @@ class _Record:
 
     @property
     def done(self) -> int:
-        return len(self.ok) + len(self.err)
+        return self.counters.ok + self.counters.error
 
 
 def _int(value: JSON) -> int:
@@ -270,6 +290,18 @@ def _finalized_spend(totals: JSON, output: pa.Table | None) -> Spend:
         spend.completion_tokens_known = _int(totals.get("completion_tokens"))
         spend.cost_usd_known = _float(totals.get("cost_usd"))
     return spend
+
+
+def _read_spend(path: Path) -> tuple[Spend, int]:
+    """(the spend of a result file's rows, its row count); reads the status and spend columns
+    only. Raises ValueError (no id/status columns), OSError or ArrowException."""
+    with pq.ParquetFile(path) as parquet_file:
+        names = parquet_file.schema_arrow.names
+        if "id" not in names or "status" not in names:
+            raise ValueError(f"{path} has no id/status columns")
+        table = parquet_file.read(columns=["status", *(c for c in _TOTAL_COLUMNS
+                                                       if c in names)], use_threads=False)
+    return _sums(table), table.num_rows
 
 
 def _read_columns(path: Path, *, spend: bool) -> pa.Table:
@@ -340,10 +372,12 @@ def _trusted_finalize(output: Path, meta: Mapping[str, JSON]) -> Mapping[str, JS
     return None
 
 
-def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool) -> _Record:
+def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool,
+          count: bool = True) -> _Record:
     """Read the durable record. With ``repair`` (lock held) also clean up after a crash:
     delete tmp files and superseded journals/parts, compact leftover journals, set corrupt parts
-    aside. Without it, nothing is changed (``status`` mid-run)."""
+    aside. Without it, nothing is changed (``status`` mid-run). ``count``: resolve the ok/error
+    counts now (one pass over every id); else they are left for :meth:`_Record.resolve`."""
     rec = _Record()
     files = _list_state(state)
     fin = _trusted_finalize(output, meta)
@@ -365,9 +399,15 @@ def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool) 
         try:
             totals = fin.get("finalized_totals")
             legacy = not isinstance(totals, Mapping) or Spend.from_json(totals) is None
-            table = _read_columns(output, spend=legacy)
-            rec.add_table(table, spend=False)
-            rec.counters.add(_finalized_spend(totals, table if legacy else None))
+            if legacy:
+                table = _read_columns(output, spend=True)
+                rows = table.num_rows
+                rec.counters.add(_finalized_spend(totals, table))
+                del table
+            else:
+                rows = pq.read_metadata(output).num_rows
+                rec.counters.add(_finalized_spend(totals, None))
+            rec.add_source(output, rows)
             rec.output_trusted = True
         except (OSError, ValueError, pa.ArrowException) as exc:
             rec.warnings.append(f"{output} could not be read ({exc}); its rows will be re-run")
@@ -394,7 +434,9 @@ def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool) 
                 continue  # the journal held no complete record
         assert part is not None
         try:
-            rec.add_table(_read_columns(part, spend=True), spend=True)
+            spent, rows = _read_spend(part)
+            rec.counters.add(spent)
+            rec.add_source(part, rows)
         except (OSError, ValueError, pa.ArrowException) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
@@ -403,7 +445,8 @@ def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool) 
                                 f"{'set aside, ' if repair else ''}its rows will be re-run")
     if repair:
         fsync_dir(state)
-    rec.finish()
+    if count:
+        rec.resolve(state)
     return rec
 
 
@@ -415,17 +458,14 @@ def glob_escape(name: str) -> str:
 def scan_journal(journal: Path, rec: _Record) -> None:
     """Add a live journal's complete records to ``rec`` (read-only), as one more source."""
     scan = JournalScan()
-    ids: list[JSON] = []
-    statuses: list[JSON] = []
     for record in iter_journal(journal, scan):
-        ids.append(record["id"])
         status = record.get("status")
-        statuses.append(status if isinstance(status, str) else None)
         rec.counters.add_result(status == "ok", _opt_int(record.get("prompt_tokens")),
                                 _opt_int(record.get("completion_tokens")),
                                 _opt_float(record.get("cost_usd")))
-    rec.add_table(pa.table({"id": pa.array(ids, pa.string()),
-                            "status": pa.array(statuses, pa.string())}), spend=False)
+    # Read again when counting: a live run appends meanwhile, so both reads may differ by
+    # the rows written in between (status is a snapshot either way).
+    rec.add_source(journal, scan.records)
     # Mid-run the last line may be a write in progress, not a torn one: don't report it.
     rec.discarded += max(0, scan.discarded - 1)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from batcher.state.lock import _probe_lock
-from batcher.state.record import _list_state, _read_columns, _read_meta, _Record, _scan, state_dir_for
+from batcher.state.record import _list_state, _read_meta, _read_spend, _Record, _scan, state_dir_for
 from batcher.types import JSON
 
 # --- status -------------------------------------------------------------------------------
@@ -48,10 +48,12 @@ def _retrying_scan(state: Path, output: Path) -> tuple[dict[str, JSON], _Record]
 def _output_only(output: Path) -> _Record:
     rec = _Record()
     try:
-        rec.add_table(_read_columns(output, spend=True), spend=True)
+        spent, rows = _read_spend(output)
+        rec.counters.add(spent)
+        rec.add_source(output, rows)
+        rec.resolve()
     except (OSError, ValueError, pa.ArrowException) as exc:
         rec.warnings.append(f"{output} could not be read: {exc}")
-    rec.finish()
     return rec
 
 

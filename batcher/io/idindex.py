@@ -1,0 +1,433 @@
+"""Ids of millions of rows with no Python object per row: hash-partitioned spill files on disk,
+each partition resolved exactly by sorting its id strings.
+
+The one primitive is :class:`Spill`: keyed entries ``(key, tag, seq, aux)`` are routed by a hash
+of the key to one of a few partition files (Arrow IPC streams in a temporary folder); then each
+partition is loaded alone and sorted by ``(key, tag, seq)``, so every occurrence of an id sits
+together. A hash only decides *which file* an id goes to; whether two ids are equal is always
+decided by comparing the strings, so a hash collision costs nothing but a bigger partition (a
+test routes every id to one partition with a constant hash). Memory is one partition (about
+``rows / partitions`` entries) plus one batch being routed, whatever the number of rows.
+
+Three users: the reader's plan (which input rows are done already, which are duplicates, and
+where each duplicate's id was first seen), the state's counters (the latest result per id),
+and the final output (the latest result per id, in input order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+HashFn = Callable[[str], int]
+
+ROWS_PER_PARTITION = 500_000
+"""Entries per partition aimed at (~25 MB of a partition's sort for 12-character ids)."""
+
+MAX_PARTITIONS = 256
+BATCH_ROWS = 65_536
+"""Rows read (and routed) at a time from a result source."""
+
+_FIELDS: list[pa.Field[Any]] = [pa.field("key", pa.string()), pa.field("tag", pa.int8()),
+                                 pa.field("seq", pa.int64()), pa.field("aux", pa.int64())]
+SCHEMA = pa.schema(_FIELDS)
+
+IdBatch = tuple["pa.Array[Any]", "pa.Array[Any]"]
+"""(ids: string, is_ok: bool) of a batch of results, oldest first."""
+
+
+def partitions_for(rows: int) -> int:
+    """How many partitions for about ``rows`` entries (1 for small jobs)."""
+    return max(1, min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION)))
+
+
+class Spill:
+    """Hash-partitioned entries on disk; see the module docstring. Use as a context manager
+    (the folder is deleted on exit). ``hash_fn`` is the partitioning hash (Python's ``hash``,
+    which is consistent within one process: nothing spilled outlives the process)."""
+
+    def __init__(self, partitions: int, *, folder: Path | None = None,
+                 hash_fn: HashFn = hash) -> None:
+        self.count = max(1, partitions)
+        self.hash_fn = hash_fn
+        self._dir = Path(tempfile.mkdtemp(prefix="batcher-ids-", dir=folder))
+        self._writers: list[ipc.RecordBatchStreamWriter | None] = [None] * self.count
+        self.rows = 0
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for writer in self._writers:
+            if writer is not None:
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    writer.close()
+        self._writers = [None] * self.count
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _path(self, index: int) -> Path:
+        return self._dir / f"p{index:03d}.arrow"
+
+    def _write(self, index: int, batch: pa.RecordBatch) -> None:
+        writer = self._writers[index]
+        if writer is None:
+            writer = self._writers[index] = ipc.new_stream(str(self._path(index)), SCHEMA)
+        writer.write_batch(batch)
+
+    def add(self, keys: pa.Array[Any] | list[str], tag: int,
+            seqs: pa.Array[Any] | list[int], aux: pa.Array[Any] | list[int] | None = None
+            ) -> None:
+        """Spill one batch of entries (``keys`` are strings, no nulls)."""
+        n = len(keys)
+        if n == 0:
+            return
+        key_array = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
+        batch = pa.RecordBatch.from_arrays(
+            [key_array.cast(pa.string()), pa.array([tag] * n, pa.int8()) if n else
+             pa.array([], pa.int8()),
+             pa.array(seqs, pa.int64()) if not isinstance(seqs, pa.Array)
+             else seqs.cast(pa.int64()),
+             pa.nulls(n, pa.int64()) if aux is None else
+             (pa.array(aux, pa.int64()) if not isinstance(aux, pa.Array)
+              else aux.cast(pa.int64()))],
+            schema=SCHEMA)
+        self.rows += n
+        if self.count == 1:
+            self._write(0, batch)
+            return
+        count, hash_fn = self.count, self.hash_fn
+        plain = cast("list[str]", keys.to_pylist()) if isinstance(keys, pa.Array) else keys
+        where = pa.array([hash_fn(k) % count for k in plain], pa.int32())
+        del plain
+        order = pc.sort_indices(where)
+        routed = batch.take(order)
+        offset = 0
+        counts = pc.value_counts(where.take(order))
+        for item in counts:
+            index = item["values"].as_py()
+            size = item["counts"].as_py()
+            self._write(index, routed.slice(offset, size))
+            offset += size
+
+    def partitions(self) -> Iterator[pa.Table]:
+        """Each partition's entries sorted by (key, tag, seq), one partition at a time; each
+        file is deleted once read. Ends the spill's writing."""
+        for writer in self._writers:
+            if writer is not None:
+                writer.close()
+        self._writers = [None] * self.count
+        for index in range(self.count):
+            path = self._path(index)
+            if not path.exists():
+                continue
+            with pa.memory_map(str(path)) as source:
+                table = ipc.open_stream(source).read_all()
+            order = pc.sort_indices(table, sort_keys=[("key", "ascending"),
+                                                      ("tag", "ascending"),
+                                                      ("seq", "ascending")])
+            sorted_table = table.take(order)
+            del table, order
+            path.unlink()
+            yield sorted_table
+            del sorted_table
+            pa.default_memory_pool().release_unused()
+
+
+# --- vector helpers ---------------------------------------------------------------------
+
+
+def _flat(array: pa.ChunkedArray[Any] | pa.Array[Any]) -> pa.Array[Any]:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def _shift(array: pa.Array[Any], fill: Any) -> pa.Array[Any]:
+    """``array`` moved down one place: element i is ``array[i-1]``; element 0 is ``fill``."""
+    head = pa.array([fill], array.type)
+    return pa.concat_arrays([head, array.slice(0, len(array) - 1)])
+
+
+def _same_as_previous(keys: pa.Array[Any]) -> pa.Array[Any]:
+    n = len(keys)
+    if n == 0:
+        return pa.array([], pa.bool_())
+    same = pc.equal(keys.slice(1), keys.slice(0, n - 1))
+    return pa.concat_arrays([pa.array([False]), _flat(same)])
+
+
+def _same_as_next(keys: pa.Array[Any]) -> pa.Array[Any]:
+    n = len(keys)
+    if n == 0:
+        return pa.array([], pa.bool_())
+    same = pc.equal(keys.slice(0, n - 1), keys.slice(1))
+    return pa.concat_arrays([_flat(same), pa.array([False])])
+
+
+# --- result sources ---------------------------------------------------------------------
+
+
+ResultSource = Iterable[IdBatch]
+"""One source of results (a part, a journal, the previous output), read in batches."""
+
+
+def spill_results(spill: Spill, sources: Iterable[ResultSource], tag: int) -> list[int]:
+    """Spill every result row of ``sources`` (oldest first) as ``(id, tag, seq, is_ok)``,
+    ``seq`` counting rows across all sources from 0; returns each source's row count."""
+    seq = 0
+    counts: list[int] = []
+    for source in sources:
+        start = seq
+        for ids, is_ok in source:
+            n = len(ids)
+            valid = pc.is_valid(ids)
+            seqs = pa.array(range(seq, seq + n), pa.int64())
+            if valid.false_count:
+                ids, is_ok, seqs = ids.filter(valid), is_ok.filter(valid), seqs.filter(valid)
+            spill.add(ids, tag, seqs, pc.cast(is_ok, pa.int64()))
+            seq += n
+        counts.append(seq - start)
+    return counts
+
+
+def latest_counts(sources: Iterable[ResultSource], rows_hint: int = 0,
+                  folder: Path | None = None, hash_fn: HashFn = hash) -> tuple[int, int]:
+    """(ids whose latest result is ok, ids whose latest result is not ok) over ``sources``
+    (oldest first; within a source the later row wins)."""
+    ok = error = 0
+    with Spill(partitions_for(rows_hint), folder=folder, hash_fn=hash_fn) as spill:
+        spill_results(spill, sources, 0)
+        for table in spill.partitions():
+            last = _same_as_next(_flat(table["key"]))
+            latest = _flat(table["aux"]).filter(pc.invert(last))
+            good = int(pc.sum(latest).as_py() or 0)
+            ok += good
+            error += len(latest) - good
+    return ok, error
+
+
+# --- the reader's plan ------------------------------------------------------------------
+
+NEW, DONE, DUPLICATE = 0, 1, 2
+_INPUT_TAG, _RESULT_TAG = 1, 0
+
+
+class RowPlan:
+    """What to do with each input row, by its 1-based data-row ordinal: send it (``NEW``),
+    skip it (``DONE``: its id has a result that counts as done), or report it (``DUPLICATE``:
+    an earlier row has its id; :meth:`first` says where and whether that row is done).
+
+    Two bits per row (2.5 MB for 10M rows) plus a small entry per duplicate; no Python object
+    per row.
+    """
+
+    __slots__ = ("_bits", "_dups", "done", "duplicates")
+
+    def __init__(self, rows: int) -> None:
+        self._bits = bytearray((rows >> 2) + 1)
+        self._dups: dict[int, tuple[int, bool]] = {}
+        self.done = 0
+        self.duplicates = 0
+
+    def state(self, ordinal: int) -> int:
+        if ordinal >> 2 >= len(self._bits):
+            return NEW
+        return (self._bits[ordinal >> 2] >> ((ordinal & 3) << 1)) & 3
+
+    def first(self, ordinal: int) -> tuple[int, bool]:
+        """(packed position of the first row with this duplicate's id, whether it is done)."""
+        return self._dups[ordinal]
+
+    def _set(self, ordinals: list[int], value: int) -> None:
+        bits = self._bits
+        for ordinal in ordinals:
+            bits[ordinal >> 2] |= value << ((ordinal & 3) << 1)
+
+    def mark_done(self, ordinals: list[int]) -> None:
+        self._set(ordinals, DONE)
+        self.done += len(ordinals)
+
+    def mark_duplicates(self, ordinals: list[int], firsts: list[int],
+                        first_done: list[bool]) -> None:
+        self._set(ordinals, DUPLICATE)
+        self._dups.update(zip(ordinals, zip(firsts, first_done, strict=True), strict=True))
+        self.duplicates += len(ordinals)
+
+
+InputIds = Iterable[tuple[list[str], list[int], list[int]]]
+"""Batches of (id, ordinal, packed position) of the input's rows that have a usable id."""
+
+
+def build_plan(input_ids: InputIds, results: Iterable[ResultSource] = (), *,
+               rows_hint: int = 0,
+               ok_only: bool = False, skip_ids: Iterable[str] = (),
+               folder: Path | None = None, hash_fn: HashFn = hash) -> RowPlan:
+    """The :class:`RowPlan` of the input whose ids ``input_ids`` gives.
+
+    ``rows_hint`` (input rows plus result rows, roughly) sizes the spill. ``results``: result
+    sources, oldest first; an input id is done when its latest result is ok, or any result
+    unless ``ok_only``. ``skip_ids``: more ids that count as done. The first row with an id
+    owns it; every later row with it is a duplicate.
+    """
+    with Spill(partitions_for(rows_hint), folder=folder, hash_fn=hash_fn) as spill:
+        spill_results(spill, results, _RESULT_TAG)
+        extra = sorted(set(skip_ids))
+        if extra:
+            spill.add(extra, _RESULT_TAG, [-1] * len(extra), [1] * len(extra))
+        rows = 0
+        for ids, ordinals, positions in input_ids:
+            spill.add(ids, _INPUT_TAG, ordinals, positions)
+            if ordinals:
+                rows = max(rows, ordinals[-1])
+        plan = RowPlan(rows)
+        for table in spill.partitions():
+            _resolve_plan(table, plan, ok_only)
+    return plan
+
+
+def _resolve_plan(table: pa.Table, plan: RowPlan, ok_only: bool) -> None:
+    keys = _flat(table["key"])
+    is_input = pc.equal(_flat(table["tag"]), pa.scalar(_INPUT_TAG, pa.int8()))
+    prev_same = _same_as_previous(keys)
+    prev_input = _shift(is_input, False)
+    after_input = pc.and_(prev_same, prev_input)
+    dup = pc.and_(is_input, after_input)
+    first = pc.and_(is_input, pc.invert(after_input))
+    aux = _flat(table["aux"])
+    # Results sort before the inputs of their id, oldest first: the row just before an id's
+    # first input row is that id's latest result, if it has any.
+    prev_aux = _shift(aux, 0)
+    had_result = pc.and_(first, prev_same)
+    done = had_result if not ok_only else pc.and_(
+        had_result, pc.equal(pc.fill_null(prev_aux, pa.scalar(0, pa.int64())),
+                             pa.scalar(1, pa.int64())))
+    seqs = _flat(table["seq"])
+    plan.mark_done(cast("list[int]", seqs.filter(done).to_pylist()))
+    if dup.true_count:
+        first_where = pc.fill_null_forward(pc.if_else(first, aux, pa.scalar(None, pa.int64())))
+        first_done = pc.fill_null_forward(pc.if_else(first, done, pa.scalar(None, pa.bool_())))
+        plan.mark_duplicates(cast("list[int]", seqs.filter(dup).to_pylist()),
+                             cast("list[int]", _flat(first_where).filter(dup).to_pylist()),
+                             cast("list[bool]", _flat(first_done).filter(dup).to_pylist()))
+
+
+# --- the final output's order -----------------------------------------------------------
+
+
+def output_order(results: Iterable[ResultSource], input_ids: InputIds | None, input_rows: int, *,
+                 rows_hint: int = 0, folder: Path | None = None, hash_fn: HashFn = hash
+                 ) -> tuple[list[int], Iterator[pa.Array[Any]]]:
+    """The rows of the final output: the latest result row of each id across ``results``
+    (oldest first), in input order when ``input_ids`` is given (the ids the input no longer
+    has after them, oldest result first), else in ``results`` order.
+
+    Returns each source's row count and an iterator of ``seq`` arrays: global row numbers
+    (the sources concatenated) in output order, about :data:`ROWS_PER_PARTITION` at a time.
+    Spilled twice: by id hash (to find each id's latest row and its input position), then by
+    output position (to sort). ``input_rows``: the input's data rows (a bound on ordinals).
+    """
+    by_id = Spill(partitions_for(input_rows + rows_hint), folder=folder, hash_fn=hash_fn)
+    by_position: _RangeSpill | None = None
+    try:
+        counts = spill_results(by_id, results, 1)
+        total = sum(counts)
+        if input_ids is not None:
+            for ids, ordinals, _ in input_ids:
+                by_id.add(ids, 0, ordinals)
+        span = input_rows + 1 if input_ids is not None else total
+        ranges = max(1, -(-span // ROWS_PER_PARTITION))
+        width = max(1, -(-span // ranges))
+        extra_width = max(1, ROWS_PER_PARTITION)
+        by_position = _RangeSpill(folder)
+        for table in by_id.partitions():
+            keys = _flat(table["key"])
+            is_result = pc.equal(_flat(table["tag"]), pa.scalar(1, pa.int8()))
+            latest = pc.and_(is_result, pc.invert(_same_as_next(keys)))
+            seqs = _flat(table["seq"])
+            kept_seq = seqs.filter(latest)
+            if input_ids is None:
+                by_position.add(pc.divide(kept_seq, pa.scalar(width, pa.int64())),
+                                kept_seq, kept_seq)
+                continue
+            # An id's group starts with its first input row when the input has the id.
+            group_start = pc.invert(_same_as_previous(keys))
+            start_value = pc.if_else(is_result, pa.scalar(-1, pa.int64()), seqs)
+            ordinal = _flat(pc.fill_null_forward(
+                pc.if_else(group_start, start_value, pa.scalar(None, pa.int64()))))
+            kept_ordinal = ordinal.filter(latest)
+            missing = pc.less(kept_ordinal, pa.scalar(0, pa.int64()))
+            # Rows the input lacks go after every input row, oldest result first.
+            bucket = pc.if_else(
+                missing,
+                pc.add(pc.divide(kept_seq, pa.scalar(extra_width, pa.int64())),
+                       pa.scalar(ranges, pa.int64())),
+                pc.divide(kept_ordinal, pa.scalar(width, pa.int64())))
+            position = pc.if_else(missing, kept_seq, kept_ordinal)
+            by_position.add(_flat(bucket), _flat(position), kept_seq)
+        by_id.close()
+        spilled, by_position = by_position, None
+        return counts, spilled.sorted_seqs()
+    finally:
+        by_id.close()
+        if by_position is not None:
+            by_position.close()
+
+
+class _RangeSpill:
+    """(position, seq) pairs routed to numbered files (by position range), read back file by
+    file in number order, each sorted by position."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="batcher-order-", dir=folder))
+        self._schema = pa.schema([("pos", pa.int64()), ("seq", pa.int64())])
+        self._writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, buckets: pa.Array[Any], positions: pa.Array[Any],
+            seqs: pa.Array[Any]) -> None:
+        if len(positions) == 0:
+            return
+        order = pc.sort_indices(buckets)
+        batch = pa.RecordBatch.from_arrays([positions.take(order), seqs.take(order)],
+                                           schema=self._schema)
+        offset = 0
+        for item in pc.value_counts(buckets.take(order)):
+            index, size = item["values"].as_py(), item["counts"].as_py()
+            writer = self._writers.get(index)
+            if writer is None:
+                writer = self._writers[index] = ipc.new_stream(
+                    str(self._dir / f"r{index:06d}.arrow"), self._schema)
+            writer.write_batch(batch.slice(offset, size))
+            offset += size
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            with contextlib.suppress(OSError, pa.ArrowException):
+                writer.close()
+        self._writers = {}
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def sorted_seqs(self) -> Iterator[pa.Array[Any]]:
+        for writer in self._writers.values():
+            writer.close()
+        indexes = sorted(self._writers)
+        self._writers = {}
+        try:
+            for index in indexes:
+                path = self._dir / f"r{index:06d}.arrow"
+                with pa.memory_map(str(path)) as source:
+                    table = ipc.open_stream(source).read_all()
+                path.unlink()
+                order = pc.sort_indices(table, sort_keys=[("pos", "ascending")])
+                yield _flat(table["seq"]).take(order)
+                del table, order
+        finally:
+            self.close()
