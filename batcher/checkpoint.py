@@ -36,7 +36,8 @@ matches, so a rerun after a finished job sends nothing, and a ``--retry-failed``
 results that the next finalize merges over the old output. An output replaced or deleted by
 someone else is not trusted (its ids count as not done). The token is recorded in
 ``meta["finalizing"]`` before the rename, so a crash between the rename and the meta update
-loses nothing. Output rows come in completion order, not input order.
+loses nothing. Output rows come in input order when the caller gives the input's ids (the
+runner does, unless ``--order completion``), else in completion order.
 
 Costs: the store keeps every done id in memory (two sets: latest ok / latest error); open reads
 only the ``id``/``status`` (and token/cost) columns of parts, and when no id has two results
@@ -65,6 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher.errors import Aborted, ConfigError, StateMismatch
+from batcher.io.idindex import InputIds
 from batcher.io.writer import (
     UnreadableSource,
     encode_records,
@@ -329,8 +331,11 @@ class StateStore:
             self._meta["updated_at"] = now_iso()
             _write_meta(self.state_dir, self._meta)
 
-    def finalize(self, flatten: Sequence[tuple[str, pa.DataType]] = ()) -> Path:
+    def finalize(self, flatten: Sequence[tuple[str, pa.DataType]] = (), *,
+                 input_ids: InputIds | None = None, input_rows: int = 0) -> Path:
         """Write the output atomically: one row per id, the latest result winning; returns it.
+        Rows in input order when ``input_ids`` (the input's ids, ``input_rows`` data rows) are
+        given, then the ids the input no longer has; else in completion order.
 
         Then the parts it absorbed are deleted and the output becomes the record (see the
         module docstring). Streams the parts: memory holds ids and keep-masks, not outputs.
@@ -343,8 +348,12 @@ class StateStore:
             self._compact()
             files = _list_state(self.state_dir)
             parts = [files.parts[s] for s in sorted(files.parts)]
+            ordered = input_ids is not None
             if (not parts and self._output_trusted and not flatten
-                    and not has_flattened_columns(self.output)):
+                    and not has_flattened_columns(self.output)
+                    and self._meta.get("finalized_order", "completion") == (
+                        "input" if ordered else "completion")
+                    and not (ordered and self._meta.get("force_resumed_at"))):
                 return self.output  # nothing new since the last finalize
             sources = ([self.output] if self._output_trusted else []) + parts
             through = max([_int(self._meta.get("finalized_through_seq")), *files.parts])
@@ -356,7 +365,8 @@ class StateStore:
             _write_meta(self.state_dir, self._meta)
             try:
                 rows = write_final(sources, self.output, metadata={TOKEN_KEY: token},
-                                   flatten=flatten)
+                                   flatten=flatten, input_ids=input_ids,
+                                   input_rows=input_rows, spill_folder=self.state_dir)
             except UnreadableSource as exc:
                 # The in-memory record still counts the bad file's ids: refuse further use.
                 self._broken = f"cannot use the state of {self.output} after: {exc}"
@@ -368,7 +378,8 @@ class StateStore:
                 raise Aborted(f"cannot finalize {self.output}: {exc.path} is unreadable "
                               f"(moved to {moved}); run the same command again to redo its "
                               "rows") from exc
-            record.update(finalized_rows=rows, finalized_at=now_iso())
+            record.update(finalized_rows=rows, finalized_at=now_iso(),
+                          finalized_order="input" if ordered else "completion")
             self._meta.pop("finalizing", None)
             self._meta.update(record)
             self._meta["last_seq"] = max(_int(self._meta.get("last_seq")), through)

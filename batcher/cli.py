@@ -18,6 +18,7 @@ from batcher.config import (
     DEFAULT_MAX_RATE_LIMIT_WAIT,
     DEFAULT_TIMEOUT,
     ENDPOINTS,
+    ORDERS,
 )
 from batcher.errors import BatcherError, ConfigError, ExitCode, fail
 
@@ -145,6 +146,8 @@ def cli() -> None:
 @click.option("--keep-raw", is_flag=True, help="Keep each raw response JSON in column 'raw'.")
 @click.option("--flatten", is_flag=True,
               help="With --response-format: one typed column per top-level schema property.")
+@click.option("--order", type=click.Choice(ORDERS), default=None,
+              help="Output rows in input order, or as answered [default: input].")
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")

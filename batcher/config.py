@@ -25,6 +25,9 @@ DEFAULT_BATCH_SIZE = 16
 ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
 
 
+ORDERS = ("input", "completion")
+"""The output row orders (``--order``)."""
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that shapes one run. Built by :func:`make_config`; never mutated.
@@ -78,6 +81,9 @@ class RunConfig:
     """``--response-format``: a JSON Schema file every answer must fit (structured output)."""
     flatten: bool = False
     """With ``response_format``: one typed output column per top-level schema property."""
+    order: str = "input"
+    """The final output's row order: ``input`` (the input's, then ids the input no longer
+    has) or ``completion`` (as answered; skips the input pass at finalize)."""
     job: str | None = None
 
     @functools.cached_property
@@ -191,6 +197,8 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
                                   f"{value:g}; leave it out for no cap")
             if not low <= value <= high:
                 raise ConfigError(f"{name}: {value:g} is out of range [{low:g}, {high:g}]")
+    if given.get("order", "input") not in ORDERS:
+        raise ConfigError(f"order: {given['order']!r} is not one of {', '.join(ORDERS)}")
     if given.get("restart") and given.get("force_resume"):
         raise ConfigError("restart and force_resume contradict each other; give one")
     base = str(given["base_url"])

@@ -215,8 +215,11 @@ class Runner:
                 store.update_meta(**meta)
                 if outcome == "finished":
                     schema = config.response_schema
+                    ordered = config.order == "input"
                     store.finalize(flat_fields(schema.schema)
-                                   if config.flatten and schema is not None else ())
+                                   if config.flatten and schema is not None else (),
+                                   input_ids=iter_row_ids(config.input, options)
+                                   if ordered else None, input_rows=total)
             except OSError as exc:
                 explained = explain_os_error(exc, config.output, config.state_dir)
                 if explained is None:

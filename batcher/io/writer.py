@@ -27,6 +27,7 @@ column whose name equals a result column (``output``, ``status``, …) is carrie
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import functools
@@ -44,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.io.flatten import column_fields, flattened_arrays, is_flattened
+from batcher.io.idindex import InputIds, output_order
 from batcher.types import JSON, ResultRow
 
 COLUMNS_KEY = "_columns"
@@ -651,16 +653,34 @@ def _batches(pf: pq.ParquetFile, path: Path) -> Iterator[pa.RecordBatch]:
         yield batch
 
 
+OUTPUT_ROW_GROUP_ROWS = 100_000
+"""Rows per row group of the final output (fewer when they hold more than
+:data:`OUTPUT_ROW_GROUP_BYTES`): big enough for readers' scans, small enough to read one."""
+
+OUTPUT_ROW_GROUP_BYTES = 64 << 20
+
+GATHER_ROWS = 16_384
+"""Output rows gathered (from their sources, in output order) at a time."""
+
+
 def write_final(sources: Sequence[Path], output: Path,
                 metadata: Mapping[str, str] | None = None,
-                flatten: Sequence[tuple[str, pa.DataType]] = ()) -> int:
+                flatten: Sequence[tuple[str, pa.DataType]] = (), *,
+                input_ids: InputIds | None = None, input_rows: int = 0,
+                spill_folder: Path | None = None) -> int:
     """Merge Parquet ``sources`` (oldest first) into ``output`` atomically; returns its row count.
 
     One row per id: the latest source's row of an id wins (within a source, the later row).
-    The output is written to a temporary sibling, fsynced, then renamed over ``output``, so a
-    reader sees the old file or the new one, never a partial one. Streams record batches (one
-    row group each); memory holds the ids, a sort index over them and keep-masks (only for
-    sources with superseded rows), plus one batch.
+    Row order: with ``input_ids`` (the input's ids, :func:`batcher.io.readers.iter_row_ids`;
+    ``input_rows`` its data rows) the input's order, then the ids the input no longer has, in
+    the order they were answered; without, the order of the sources (completion order).
+
+    Memory is flat in the number of rows: which row wins and where it goes are worked out by
+    :func:`batcher.io.idindex.output_order` (spilled to ``spill_folder``), then rows are
+    gathered from their sources :data:`GATHER_ROWS` at a time (reading only the row groups
+    that hold them) and written in row groups of :data:`OUTPUT_ROW_GROUP_ROWS` (or ~64 MB),
+    with statistics (``id`` included). The output is written to a temporary sibling, fsynced,
+    then renamed over ``output``, so a reader sees the old file or the new one.
     Raises :class:`UnreadableSource` naming a source that fails to read (``output`` is then
     untouched); errors writing the output propagate as they are. ``metadata`` is stored as the
     output schema's key-value metadata (the state uses it to recognise its own output).
@@ -670,44 +690,64 @@ def write_final(sources: Sequence[Path], output: Path,
     release_memory()
     files: list[pq.ParquetFile] = []
     try:
-        ids = []
         for src in sources:
             with _read_guard(src):
-                pf = pq.ParquetFile(src, pre_buffer=False)
-                files.append(pf)
-                ids.append(pf.read(columns=["id"], use_threads=False)["id"])
-            _release_arrow()
+                files.append(pq.ParquetFile(src, pre_buffer=False))
         base = unify([f.schema_arrow for f in files])
         if metadata:
             base = base.with_metadata(dict(metadata))
         schema = pa.schema([*base, *column_fields(flatten, base.names)])
         if base.metadata:
             schema = schema.with_metadata(base.metadata)
-        masks = superseded_masks(ids)
-        del ids
-        _release_arrow()
+        counts = [f.metadata.num_rows for f in files]
+        gather = _Gatherer(list(sources), files, base)
         tmp = tmp_path_for(output)
         rows = 0
         try:
             with pq.ParquetWriter(tmp, schema) as writer:
-                for src, pf, mask in zip(sources, files, masks, strict=True):
-                    offset = 0
-                    for batch in _batches(pf, src):
-                        kept = batch
-                        if mask is not None:
-                            kept = batch.filter(mask.slice(offset, batch.num_rows))
-                        offset += batch.num_rows
-                        if kept.num_rows:
-                            conformed = conform(kept, base)
-                            if flatten:
-                                conformed = pa.RecordBatch.from_arrays(
-                                    [*conformed.columns,
-                                     *flattened_arrays(conformed.column("parsed"), flatten)],
-                                    schema=schema)
-                            writer.write_batch(conformed)
-                            rows += kept.num_rows
-                        del batch, kept
-                        _release_arrow()
+                pending: list[pa.Table] = []
+                pending_rows = pending_bytes = 0
+
+                def flush(final: bool) -> None:
+                    # Whole row groups of OUTPUT_ROW_GROUP_ROWS; a short one only when the
+                    # bytes say so or at the end.
+                    nonlocal pending, pending_rows, pending_bytes
+                    if not pending:
+                        return
+                    table = pa.concat_tables(pending)
+                    size = OUTPUT_ROW_GROUP_ROWS
+                    cut = table.num_rows if final or pending_bytes >= OUTPUT_ROW_GROUP_BYTES \
+                        else table.num_rows - table.num_rows % size
+                    for start in range(0, cut, size):
+                        piece = table.slice(start, min(size, cut - start))
+                        writer.write_table(piece, row_group_size=max(1, piece.num_rows))
+                    rest = table.slice(cut)
+                    pending = [rest] if rest.num_rows else []
+                    # A slice reports its parent's buffers: prorate the bytes instead.
+                    pending_bytes = pending_bytes * rest.num_rows // max(1, table.num_rows)
+                    pending_rows = rest.num_rows
+                    del table, rest
+                    _release_arrow()
+
+                guarded = [_guarded_ids(src) for src in sources]
+                _, order = output_order(guarded, input_ids, input_rows,
+                                        rows_hint=sum(counts), folder=spill_folder)
+                for seqs in order:
+                    for start in range(0, len(seqs), GATHER_ROWS):
+                        table = gather.rows(seqs.slice(start, GATHER_ROWS))
+                        if flatten:
+                            parsed = table.column("parsed").combine_chunks()
+                            table = pa.Table.from_arrays(
+                                [*table.columns, *flattened_arrays(parsed, flatten)],
+                                schema=schema)
+                        pending.append(table)
+                        pending_rows += table.num_rows
+                        pending_bytes += table.nbytes
+                        rows += table.num_rows
+                        if (pending_rows >= OUTPUT_ROW_GROUP_ROWS
+                                or pending_bytes >= OUTPUT_ROW_GROUP_BYTES):
+                            flush(final=False)
+                flush(final=True)
                 if rows == 0:
                     writer.write_table(schema.empty_table())
             _commit(tmp, output)
@@ -719,3 +759,92 @@ def write_final(sources: Sequence[Path], output: Path,
         for pf in files:
             pf.close()
     return rows
+
+
+def _guarded_ids(path: Path) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
+    iterator = iter_id_status(path)
+    while True:
+        with _read_guard(path):
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+class _Gatherer:
+    """Rows of several Parquet sources by global row number (sources concatenated), conformed
+    to one schema. Reads whole row groups; keeps those the last call used (output order
+    mostly walks each source forward, so the next call usually needs them again)."""
+
+    def __init__(self, paths: list[Path], files: list[pq.ParquetFile],
+                 schema: pa.Schema) -> None:
+        self.paths = paths
+        self.files = files
+        self.schema = schema
+        self.starts: list[int] = []
+        self.group_starts: list[list[int]] = []
+        total = 0
+        for pf in files:
+            self.starts.append(total)
+            metadata = pf.metadata
+            offsets = []
+            offset = 0
+            for index in range(metadata.num_row_groups):
+                offsets.append(offset)
+                offset += metadata.row_group(index).num_rows
+            offsets.append(offset)
+            self.group_starts.append(offsets)
+            total += metadata.num_rows
+        self.starts.append(total)
+        self._cache: dict[tuple[int, int], pa.Table] = {}
+
+    def _group(self, source: int, group: int) -> pa.Table:
+        key = (source, group)
+        table = self._cache.get(key)
+        if table is None:
+            batches = self.files[source].iter_batches(
+                batch_size=PART_BATCH_ROWS, row_groups=[group], use_threads=False)
+            conformed = []
+            while True:
+                with _read_guard(self.paths[source]):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                conformed.append(conform(batch, self.schema))
+            table = pa.Table.from_batches(conformed, schema=self.schema)
+            self._cache[key] = table
+        return table
+
+    def rows(self, seqs: pa.Array[Any]) -> pa.Table:
+        """The rows numbered ``seqs`` (int64), in that order."""
+        pieces: list[pa.Table] = []
+        places: list[pa.Array[Any]] = []
+        used: set[tuple[int, int]] = set()
+        for source in range(len(self.files)):
+            low, high = self.starts[source], self.starts[source + 1]
+            if low == high:
+                continue
+            inside = pc.and_(pc.greater_equal(seqs, pa.scalar(low, pa.int64())),
+                             pc.less(seqs, pa.scalar(high, pa.int64())))
+            if not pc.any(inside).as_py():
+                continue
+            local = pc.subtract(seqs.filter(inside), pa.scalar(low, pa.int64()))
+            where = pc.indices_nonzero(inside)
+            offsets = self.group_starts[source]
+            lowest, highest = pc.min_max(local).values()
+            first = bisect.bisect_right(offsets, lowest.as_py()) - 1
+            last = bisect.bisect_right(offsets, highest.as_py()) - 1
+            groups = [self._group(source, g) for g in range(first, last + 1)]
+            used.update((source, g) for g in range(first, last + 1))
+            span = pa.concat_tables(groups) if len(groups) > 1 else groups[0]
+            pieces.append(span.take(pc.subtract(local, pa.scalar(offsets[first], pa.int64()))))
+            places.append(where)
+        for key in [k for k in self._cache if k not in used]:
+            del self._cache[key]
+        if not pieces:
+            return self.schema.empty_table()
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        if len(pieces) > 1:
+            order = pc.sort_indices(pa.concat_arrays(places))
+            table = table.take(order)
+        return table

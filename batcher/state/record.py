@@ -46,7 +46,8 @@ _TOTAL_COLUMNS = ("prompt_tokens", "completion_tokens", "cost_usd")
 RESERVED_META_KEYS = frozenset({
     "version", "fingerprint", "created_at", "force_resumed_at", "run_id", "opened_at",
     "updated_at", "last_seq", "finalizing", "finalized_token", "finalized_rows",
-    "finalized_through_seq", "finalized_totals", "finalized_at"})
+    "finalized_through_seq", "finalized_totals", "finalized_at",
+    "finalized_order"})
 """``meta.json`` keys the store owns; :meth:`StateStore.update_meta` refuses them."""
 
 
