@@ -226,41 +226,92 @@ class RowPlan:
     skip it (``DONE``: its id has a result that counts as done), or report it (``DUPLICATE``:
     an earlier row has its id; :meth:`first` says where and whether that row is done).
 
-    Two bits per row (2.5 MB for 10M rows) plus a small entry per duplicate; no Python object
-    per row.
+    Two bitmaps (one bit per row each: 2.5 MB for 10M rows, built with Arrow kernels) plus a
+    small entry per duplicate; no Python object per row.
     """
 
-    __slots__ = ("_bits", "_dups", "done", "duplicates")
+    __slots__ = ("_done_array", "_dup_array", "_dups", "done", "done_bits", "dup_bits",
+                 "duplicates", "rows")
 
     def __init__(self, rows: int) -> None:
-        self._bits = bytearray((rows >> 2) + 1)
+        self.rows = rows
+        empty = cast("pa.Array[Any]", pc.fill_null(pa.nulls(rows + 1, pa.bool_()),
+                                                    pa.scalar(False)))
+        self._done_array: pa.Array[Any] = empty
+        self._dup_array: pa.Array[Any] = self._done_array
         self._dups: dict[int, tuple[int, bool]] = {}
         self.done = 0
         self.duplicates = 0
+        self.done_bits = b""
+        """Bit ``o`` (``done_bits[o >> 3] >> (o & 7) & 1``) is set when row ``o`` is done."""
+        self.dup_bits = b""
 
     def state(self, ordinal: int) -> int:
-        if ordinal >> 2 >= len(self._bits):
+        index, bit = ordinal >> 3, 1 << (ordinal & 7)
+        if index >= len(self.done_bits):
             return NEW
-        return (self._bits[ordinal >> 2] >> ((ordinal & 3) << 1)) & 3
+        if self.done_bits[index] & bit:
+            return DONE
+        if self.dup_bits[index] & bit:
+            return DUPLICATE
+        return NEW
+
+    def all_done(self, start: int, count: int) -> bool:
+        """Whether rows ``start`` … ``start + count - 1`` are all done (C-speed on whole bytes)."""
+        bits, end, ordinal = self.done_bits, start + count, start
+        if end > (len(bits) << 3):
+            return False
+        while ordinal < end and ordinal & 7:
+            if not bits[ordinal >> 3] >> (ordinal & 7) & 1:
+                return False
+            ordinal += 1
+        whole_end = end & ~7
+        if ordinal < whole_end:
+            segment = bits[ordinal >> 3:whole_end >> 3]
+            if segment.count(255) != len(segment):
+                return False
+            ordinal = whole_end
+        while ordinal < end:
+            if not bits[ordinal >> 3] >> (ordinal & 7) & 1:
+                return False
+            ordinal += 1
+        return True
 
     def first(self, ordinal: int) -> tuple[int, bool]:
         """(packed position of the first row with this duplicate's id, whether it is done)."""
         return self._dups[ordinal]
 
-    def _set(self, ordinals: list[int], value: int) -> None:
-        bits = self._bits
-        for ordinal in ordinals:
-            bits[ordinal >> 2] |= value << ((ordinal & 3) << 1)
+    def _scatter(self, into: pa.Array[Any], ordinals: pa.Array[Any]) -> pa.Array[Any]:
+        marks = pc.scatter(pc.is_valid(ordinals), ordinals,  # type: ignore[attr-defined]
+                           max_index=self.rows)
+        return _flat(pc.or_(into, pc.fill_null(marks, pa.scalar(False))))
 
-    def mark_done(self, ordinals: list[int]) -> None:
-        self._set(ordinals, DONE)
-        self.done += len(ordinals)
+    def mark_done(self, ordinals: pa.Array[Any]) -> None:
+        if len(ordinals):
+            self._done_array = self._scatter(self._done_array, ordinals)
+            self.done += len(ordinals)
 
-    def mark_duplicates(self, ordinals: list[int], firsts: list[int],
+    def mark_duplicates(self, ordinals: pa.Array[Any], firsts: list[int],
                         first_done: list[bool]) -> None:
-        self._set(ordinals, DUPLICATE)
-        self._dups.update(zip(ordinals, zip(firsts, first_done, strict=True), strict=True))
-        self.duplicates += len(ordinals)
+        if len(ordinals):
+            self._dup_array = self._scatter(self._dup_array, ordinals)
+            self._dups.update(zip(cast("list[int]", ordinals.to_pylist()),
+                                  zip(firsts, first_done, strict=True), strict=True))
+            self.duplicates += len(ordinals)
+
+    def seal(self) -> None:
+        """Freeze the bitmaps into bytes for the reader's per-row lookups."""
+        self.done_bits = _bits(self._done_array)
+        self.dup_bits = _bits(self._dup_array)
+
+
+def _bits(array: pa.Array[Any]) -> bytes:
+    """The packed values of a boolean array (bit i of the result is element i)."""
+    if array.offset:
+        array = pa.concat_arrays([array])  # a copy starting at offset 0
+    buffer = array.buffers()[1]
+    assert buffer is not None
+    return buffer.to_pybytes()[: (len(array) + 7) >> 3]
 
 
 InputIds = Iterable[tuple[list[str], list[int], list[int]]]
@@ -291,6 +342,7 @@ def build_plan(input_ids: InputIds, results: Iterable[ResultSource] = (), *,
         plan = RowPlan(rows)
         for table in spill.partitions():
             _resolve_plan(table, plan, ok_only)
+    plan.seal()
     return plan
 
 
@@ -311,11 +363,11 @@ def _resolve_plan(table: pa.Table, plan: RowPlan, ok_only: bool) -> None:
         had_result, pc.equal(pc.fill_null(prev_aux, pa.scalar(0, pa.int64())),
                              pa.scalar(1, pa.int64())))
     seqs = _flat(table["seq"])
-    plan.mark_done(cast("list[int]", seqs.filter(done).to_pylist()))
+    plan.mark_done(seqs.filter(done))
     if dup.true_count:
         first_where = pc.fill_null_forward(pc.if_else(first, aux, pa.scalar(None, pa.int64())))
         first_done = pc.fill_null_forward(pc.if_else(first, done, pa.scalar(None, pa.bool_())))
-        plan.mark_duplicates(cast("list[int]", seqs.filter(dup).to_pylist()),
+        plan.mark_duplicates(seqs.filter(dup),
                              cast("list[int]", _flat(first_where).filter(dup).to_pylist()),
                              cast("list[bool]", _flat(first_done).filter(dup).to_pylist()))
 

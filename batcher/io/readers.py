@@ -111,19 +111,22 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
     kind, files = _resolve(Path(path))
     template = _Template.parse(options.template) if options.template is not None else None
     rule = _IdPass(options)
+    ordinal = 0
     if kind == "parquet":
         for file_index, file in enumerate(files):
             with _open_parquet(file) as parquet_file:
                 names = parquet_file.schema_arrow.names
                 shape = _parquet_shape(str(file), names, options, template)
                 column = rule.column(shape)
+                base = file_index << _LINE_BITS
                 if column not in names:
                     line = 0
                     for meta_rows in _row_group_sizes(parquet_file):
                         rule.start()
                         for _ in range(meta_rows):
                             line += 1
-                            rule.add(None, line, file_index)
+                            ordinal += 1
+                            rule.add(None, ordinal, base | line)
                         yield rule.take()
                     continue
                 line = 0
@@ -131,7 +134,8 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
                     rule.start()
                     for value in batch.column(0).to_pylist():
                         line += 1
-                        rule.add(value, line, file_index)
+                        ordinal += 1
+                        rule.add(value, ordinal, base | line)
                     yield rule.take()
         return
     fixed_shape: RowShape | None = None
@@ -150,24 +154,30 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
         if block.endswith(b"\n"):
             pieces.pop()
         rule.start()
+        ids, ordinals, positions = rule.take()
         for raw in pieces:
             line += 1
             try:
                 obj = loads(raw)
             except decode_error:
                 if raw.strip():
-                    rule.ordinal += 1
+                    ordinal += 1
                 continue
+            ordinal += 1
             if type(obj) is not dict:
-                rule.ordinal += 1
                 continue
             if id_column is None:
                 detected = detect_shape(obj, options)
                 if detected is None:
-                    rule.ordinal += 1
                     continue
                 id_column = rule.column(detected)
-            rule.add(obj.get(id_column), line, 0)
+            raw_id = obj.get(id_column)
+            if type(raw_id) is str and raw_id and rule.given:  # the common case, inlined
+                ids.append(raw_id)
+                ordinals.append(ordinal)
+                positions.append(line)
+            else:
+                rule.add(raw_id, ordinal, line)
         yield rule.take()
 
 
@@ -178,7 +188,6 @@ class _IdPass:
     def __init__(self, options: ReaderOptions) -> None:
         self.options = options
         self.given: bool | None = None
-        self.ordinal = 0
         self.ids: list[str] = []
         self.ordinals: list[int] = []
         self.positions: list[int] = []
@@ -194,9 +203,8 @@ class _IdPass:
     def take(self) -> tuple[list[str], list[int], list[int]]:
         return self.ids, self.ordinals, self.positions
 
-    def add(self, raw_id: object, line: int, file_index: int) -> None:
-        """One data row (its ordinal is counted here) with id value ``raw_id``."""
-        self.ordinal += 1
+    def add(self, raw_id: object, ordinal: int, position: int) -> None:
+        """Data row ``ordinal`` (at packed ``position``) with id value ``raw_id``."""
         if type(raw_id) is str:
             if not raw_id:
                 return
@@ -205,7 +213,7 @@ class _IdPass:
             if self.given:
                 return
             self.given = False
-            row_id = f"row-{self.ordinal}"
+            row_id = f"row-{ordinal}"
         elif type(raw_id) is int:
             row_id = str(raw_id)
         else:
@@ -215,8 +223,8 @@ class _IdPass:
                 return
             self.given = True
         self.ids.append(row_id)
-        self.ordinals.append(self.ordinal)
-        self.positions.append(file_index << _LINE_BITS | line)
+        self.ordinals.append(ordinal)
+        self.positions.append(position)
 
 
 def _row_group_sizes(parquet_file: pq.ParquetFile) -> Iterator[int]:

@@ -230,8 +230,9 @@ class _RowBuilder:
         build = self.row_function(shape, source, 0) if shape is not None else None
         # Resume: a row the plan says is done is skipped right here, unparsed, once the id
         # rule is decided: most lines of a mostly-done input are such.
-        plan = self.plan
-        plan_state = plan.state if plan is not None and plan.done else None
+        plan = self.plan if self.plan is not None and self.plan.done else None
+        done_bits = plan.done_bits if plan is not None else b""
+        last = plan.rows if plan is not None else 0  # a file that grew since: no skipping
         ids = self.ids
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
@@ -245,13 +246,30 @@ class _RowBuilder:
             if first_block and block.startswith(_BOM):
                 block = block[len(_BOM):]
             first_block = False
+            if plan is not None and ids.given is not None and build is not None:
+                # A whole block of done rows (no blank line in it) is skipped unsplit.
+                lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+                starts = block.count(b"\n{") + (1 if block.startswith(b"{") else 0)
+                if starts == lines and plan.all_done(ordinal + 1, lines):
+                    line += lines
+                    ordinal += lines
+                    while lines:
+                        take = min(lines, batch_size - consumed)
+                        consumed += take
+                        lines -= take
+                        if consumed >= batch_size:
+                            self.ordinal = ordinal
+                            yield RowBatch(rows, problems, consumed)
+                            rows, problems, consumed = [], [], 0
+                    continue
             pieces = block.split(b"\n")
             if block.endswith(b"\n"):
                 pieces.pop()  # the empty piece after the final newline
             for raw in pieces:
                 line += 1
-                if plan_state is not None and raw[:1] == b"{" and ids.given is not None \
-                        and build is not None and plan_state(ordinal + 1) == DONE:
+                if ordinal < last and raw[:1] == b"{" and ids.given is not None \
+                        and build is not None \
+                        and done_bits[(ordinal + 1) >> 3] >> ((ordinal + 1) & 7) & 1:
                     consumed += 1
                     ordinal += 1
                     if consumed >= batch_size:

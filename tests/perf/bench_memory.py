@@ -1,0 +1,173 @@
+"""Memory at scale (issue 13): peak RSS of `batcher run`, `batcher estimate` and a resume, at
+100k, 1M and 10M rows, each target printed as met / not met (plain script).
+
+    python tests/perf/bench_memory.py                    # everything (takes long)
+    python tests/perf/bench_memory.py run [ROWS ...]     # default 100000 1000000; the 10M
+                                                         # figure is fitted from the largest two
+    python tests/perf/bench_memory.py estimate [ROWS ...]  # default 100000 1000000 10000000
+    python tests/perf/bench_memory.py resume [ROWS]      # default 10000000, all but 1,000 done
+
+Inputs are generated in a temporary folder (JSONL, ~70 bytes a row). `run` goes against the
+simulator answering at once (its own process, pinned to CPU 1; the client on CPU 0). A full
+10M-row run takes about 45 min on the project's 2-core machine, so `run` measures the sizes
+given and fits a line through the largest two to give the 10M figure (said so in the output).
+The resume builds the state directly (tests/perf/bench_resume.py's builder) with the
+fingerprint the runner computes for the command, and times the first request.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
+from tests.perf.bench_limits import Simulator, pinned
+
+LIMIT_MB = 300.0
+SLOPE = 1.15  # 10M rows within 1.15x of the 1M-row figure
+WRAP = ("import resource, sys, runpy; sys.argv = ['batcher'] + sys.argv[1:];"
+        "code = 0\n"
+        "try:\n runpy.run_module('batcher', run_name='__main__')\n"
+        "except SystemExit as e:\n code = e.code or 0\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(code)")
+
+
+def make_input(folder: Path, rows: int) -> Path:
+    path = folder / f"in-{rows}.jsonl"
+    if path.exists():
+        return path
+    with path.open("wb") as f:
+        step = 100_000
+        for start in range(0, rows, step):
+            f.write(b"".join(
+                b'{"id":"row-%08d","prompt":"Classify item %d: fruit or tool?"}\n' % (i, i)
+                for i in range(start, min(rows, start + step))))
+    return path
+
+
+def measured(args: list[str], cpu: int | None = 0) -> tuple[float, float, int, str]:
+    """Run ``batcher ARGS``; (wall s, peak RSS MB, exit code, stderr tail)."""
+    cmd = [sys.executable, "-c", WRAP, *args]
+    if cpu is not None:
+        cmd = pinned(cpu, cmd)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
+    rss = int(lines[-1]) / 1024 * 1.048576 if lines and lines[-1].isdigit() else float("nan")
+    return wall, rss, proc.returncode, "\n".join(lines[-5:])
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def report(kind: str, peaks: dict[int, float], fitted: bool) -> None:
+    if 1_000_000 not in peaks or 10_000_000 not in peaks:
+        return
+    big, one = peaks[10_000_000], peaks[1_000_000]
+    how = " (10M fitted from the two largest sizes measured)" if fitted else ""
+    print(f"{kind}: 10M peak {big:,.0f} MB < {LIMIT_MB:.0f} MB: {verdict(big < LIMIT_MB)}; "
+          f"10M/1M = {big / one:.3f} <= {SLOPE}: {verdict(big / one <= SLOPE)}{how}")
+
+
+def bench_run(tmp: Path, sizes: list[int]) -> None:
+    peaks: dict[int, float] = {}
+    with Simulator() as sim:
+        for rows in sizes:
+            src = make_input(tmp, rows)
+            out = tmp / f"run-{rows}.parquet"
+            wall, rss, code, tail = measured(
+                ["run", str(src), "-o", str(out), "--base-url", sim.base_url, "--model",
+                 "gpt-4o-mini", "--no-progress", "--log-format", "json", "--concurrency", "64"])
+            if code != 0:
+                raise SystemExit(f"run {rows}: exit {code}\n{tail}")
+            peaks[rows] = rss
+            print(f"run: {rows:,} rows: peak RSS {rss:,.0f} MB, {wall:,.1f} s "
+                  f"({rows / wall:,.0f} rows/s)", flush=True)
+            out.unlink()
+            for extra in tmp.glob(f"run-{rows}.*"):
+                if extra.is_file():
+                    extra.unlink()
+    fitted = 10_000_000 not in peaks
+    if fitted and len(peaks) >= 2:
+        (x0, y0), (x1, y1) = sorted(peaks.items())[-2:]
+        slope = (y1 - y0) / (x1 - x0)
+        peaks[10_000_000] = y1 + slope * (10_000_000 - x1)
+        print(f"run: fitted slope {slope * 1e6:,.2f} MB per million rows -> 10M rows "
+              f"~{peaks[10_000_000]:,.0f} MB")
+    report("run", peaks, fitted)
+
+
+def bench_estimate(tmp: Path, sizes: list[int]) -> None:
+    peaks: dict[int, float] = {}
+    for rows in sizes:
+        src = make_input(tmp, rows)
+        wall, rss, code, tail = measured(["estimate", str(src), "--model", "gpt-4o-mini",
+                                          "--json"], cpu=None)
+        if code != 0:
+            raise SystemExit(f"estimate {rows}: exit {code}\n{tail}")
+        peaks[rows] = rss
+        print(f"estimate: {rows:,} rows: peak RSS {rss:,.0f} MB, {wall:,.1f} s", flush=True)
+    report("estimate", peaks, fitted=False)
+
+
+def bench_resume(tmp: Path, rows: int, pending: int = 1_000) -> None:
+    from batcher.config import make_config
+    from batcher.runner import Runner
+    from batcher.simulate import SimConfig, SimulatorThread
+    import tests.perf.bench_resume as builder
+
+    src = make_input(tmp, rows)
+    out = tmp / "resume.parquet"
+    with SimulatorThread(SimConfig()) as sim:
+        config = make_config({"input": src, "output": out, "model": "gpt-4o-mini",
+                              "base_url": sim.base_url})
+        builder.FINGERPRINT = Runner(config)._fingerprint()
+        t0 = time.perf_counter()
+        builder.build(out, rows - pending)
+        print(f"resume: state with {rows - pending:,} done built in "
+              f"{time.perf_counter() - t0:,.0f} s", flush=True)
+        cmd = [sys.executable, "-c", WRAP, "run", str(src), "-o", str(out), "--base-url",
+               sim.base_url, "--model", "gpt-4o-mini", "--no-progress", "--log-format", "json"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        first = None
+        while proc.poll() is None:
+            if first is None and sim.stats.requests > 0:
+                first = time.perf_counter() - t0
+            time.sleep(0.01)
+        total = time.perf_counter() - t0
+        stderr = proc.stderr.read() if proc.stderr else ""
+        lines = stderr.strip().splitlines()
+        if proc.returncode not in (0, 1):  # 1: the built state holds 1% error rows
+            raise SystemExit(stderr[-2000:])
+        rss = int(lines[-1]) / 1024 * 1.048576
+        first_ok = first is not None and first < 10
+        print(f"resume: {rows:,} rows, {rows - pending:,} done: first request after "
+              f"{first if first is not None else float('nan'):.1f} s (< 10 s: "
+              f"{verdict(first_ok)}), {sim.stats.requests:,} sent, whole run incl. finalize "
+              f"{total:,.1f} s, peak RSS {rss:,.0f} MB (< {LIMIT_MB:.0f} MB: "
+              f"{verdict(rss < LIMIT_MB)})")
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    sizes = [int(a) for a in sys.argv[2:]]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if which in ("estimate", "all"):
+            bench_estimate(tmp, sizes or [100_000, 1_000_000, 10_000_000])
+        if which in ("resume", "all"):
+            bench_resume(tmp, sizes[0] if sizes else 10_000_000)
+        if which in ("run", "all"):
+            bench_run(tmp, sizes or [100_000, 1_000_000])
+
+
+if __name__ == "__main__":
+    main()
