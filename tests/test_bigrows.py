@@ -204,3 +204,24 @@ def test_rows_the_input_no_longer_has_go_at_the_end(
     ids = [r["id"] for r in read_output(out)]
     assert ids[:10] == [f"r{i}" for i in range(14, 4, -1)]
     assert sorted(ids[10:]) == [f"r{i}" for i in range(5)]
+
+
+def test_blocks_of_done_rows_are_skipped_whole_and_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small read blocks: most are all done (skipped unsplit), some straddle the done edge
+    # or hold a blank line (read line by line); the result is the same either way.
+    from batcher.io import readers
+
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", 300)
+    rows = prompts(3_000)
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    data = path.read_bytes().split(b"\n")
+    data.insert(1_500, b"  ")  # a blank line among done rows
+    path.write_bytes(b"\n".join(data))
+    done = {f"r{i}" for i in range(2_000)} | {"r2500"}
+    batches = list(iter_batches(path, ReaderOptions(batch_size=64), skip_ids=done))
+    got = [r.id for b in batches for r in b.rows]
+    assert got == [f"r{i}" for i in range(2_000, 3_000) if i != 2_500]
+    assert [r.line for b in batches for r in b.rows][:1] == [2_002]
+    assert sum(b.lines_read for b in batches) == 3_000
+    assert all(b.lines_read <= 64 for b in batches)

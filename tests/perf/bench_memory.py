@@ -117,10 +117,10 @@ def bench_estimate(tmp: Path, sizes: list[int]) -> None:
 
 
 def bench_resume(tmp: Path, rows: int, pending: int = 1_000) -> None:
+    import tests.perf.bench_resume as builder
     from batcher.config import make_config
     from batcher.runner import Runner
     from batcher.simulate import SimConfig, SimulatorThread
-    import tests.perf.bench_resume as builder
 
     src = make_input(tmp, rows)
     out = tmp / "resume.parquet"

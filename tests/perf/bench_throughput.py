@@ -3,7 +3,7 @@
     python tests/perf/bench_throughput.py                 # all scenarios
     python tests/perf/bench_throughput.py fast            # 20,000 rows, server answers at once
     python tests/perf/bench_throughput.py latency         # 200 ms latency, --concurrency 256
-    python tests/perf/bench_throughput.py memory          # peak RSS, 20,000 vs 200,000 rows
+    python tests/perf/bench_throughput.py memory          # = tests/perf/bench_memory.py run
 
 The simulator runs in its own process pinned to CPU 1, the client pinned to CPU 0 (taskset),
 so "rows/s with the client on one core" is what is measured. Everything is on 127.0.0.1.
@@ -82,15 +82,10 @@ def bench_latency(tmp: Path, rows: int = 12_800) -> None:
 
 
 def bench_memory(tmp: Path) -> None:
-    with Simulator() as sim:
-        url = sim.base_url
-        peaks = {}
-        for rows in (20_000, 200_000):
-            src = make_input(tmp, rows)
-            _, _, rss = run_client(src, tmp / f"mem-{rows}.parquet", url, "--concurrency", "64")
-            peaks[rows] = rss / 1024
-            print(f"memory: {rows:,} rows: peak RSS {rss / 1024:,.0f} MiB")
-        print(f"memory: ratio 200k/20k = {peaks[200_000] / peaks[20_000]:.2f}")
+    """Peak RSS of runs at 100k and 1M rows, 10M fitted: see tests/perf/bench_memory.py."""
+    from tests.perf.bench_memory import bench_run
+
+    bench_run(tmp, [100_000, 1_000_000])
 
 
 def main() -> None:
