@@ -214,7 +214,7 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
 
 def estimate_job(config: RunConfig) -> EstimateReport:
     """The dry-run report for one configured job: reads the input, sends nothing."""
-    options = config.reader_options()
+    options = replace(config.reader_options(), carry_columns=False)
     ctx = config.request_context(sending=False)
     bad = 0
     log = get_logger()

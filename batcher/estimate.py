@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from batcher.pricing import Price, context_window, input_cost_usd, max_cost_usd, price_for
@@ -272,9 +273,8 @@ def estimate(
     prices: dict[str | None, Price | None] = {}
     over: dict[str | None, tuple[int, str, int]] = {}  # model: (rows over, first where, window)
     default_max = 0
-    iterator = iter(rows)
-    while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
-        input_counts = batch_input_tokens(chunk, ctx, endpoint)
+    def add(chunk: list[RequestRow], input_counts: list[int]) -> None:
+        nonlocal default_max
         for row, n_in in zip(chunk, input_counts, strict=True):
             model = row_model(row, ctx)
             acc = accs.get(model)
@@ -298,6 +298,19 @@ def estimate(
                 # once from the totals below.
                 acc.cost_input += input_cost_usd(price, n_in) or 0.0
                 acc.cost_max += max_cost_usd(price, n_in, n_out) or 0.0
+
+    # Two cores: the tokenizer (Rust, which releases the GIL) counts one chunk on a worker
+    # thread while this thread reads and parses the next; at most two chunks are held.
+    iterator = iter(rows)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher-tokens") as pool:
+        pending: tuple[list[RequestRow], Future[list[int]]] | None = None
+        while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+            future = pool.submit(batch_input_tokens, chunk, ctx, endpoint)
+            if pending is not None:
+                add(pending[0], pending[1].result())
+            pending = (chunk, future)
+        if pending is not None:
+            add(pending[0], pending[1].result())
 
     by_model: list[ModelEstimate] = []
     unknown: list[str] = []

@@ -66,6 +66,9 @@ class ReaderOptions:
     prompt_column: str | None = None
     template: str | None = None
     batch_size: int = 1024
+    carry_columns: bool = True
+    """False: rows come without the input's own columns (``columns`` empty), for a dry run,
+    which needs only what shapes the request."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -333,6 +336,7 @@ class _RowBuilder:
         plan_state = row_plan.state if row_plan is not None and (
             row_plan.done or row_plan.duplicates) else None
         template = self.template
+        carry = self.options.carry_columns
         where = self.where
         base = file_index << _LINE_BITS
         plans: dict[tuple[str, ...], _KeyPlan] = {}
@@ -415,7 +419,7 @@ class _RowBuilder:
                 if len(plans) < _PLAN_CACHE_LIMIT:
                     plans[keys] = plan
             columns: dict[str, JSON] = {}
-            for key, name in plan.carried:
+            for key, name in plan.carried if carry else ():
                 value = obj[key]
                 columns[name] = value if type(value) in plain else _json_text(value)
             params: dict[str, JSON] = {}
