@@ -100,6 +100,7 @@ from batcher.state.record import (
     fingerprint_diff,
     input_fingerprint,
     set_aside,
+    source_rows,
     state_dir_for,
     unmerged_sources,
 )
@@ -240,7 +241,8 @@ class StateStore:
         (:func:`batcher.io.idindex.latest_counts`)."""
         with self._mutex:
             if not self._counted and self._lock_fd is not None:
-                record = _Record(sources=self.result_sources())
+                sources = self.result_sources()
+                record = _Record(sources=sources, rows=sum(map(source_rows, sources)))
                 record.resolve(self.state_dir)
                 self._counters.ok, self._counters.error = (record.counters.ok,
                                                            record.counters.error)
@@ -251,6 +253,10 @@ class StateStore:
     def spend(self) -> Spend:
         """The spend so far (the :class:`Spend` fields of :attr:`counters`), without counting."""
         return self._counters
+
+    def result_rows(self) -> int:
+        """About how many result rows :meth:`result_sources` hold (to size a spill)."""
+        return sum(map(source_rows, self.result_sources()))
 
     def result_sources(self) -> list[Path]:
         """The files holding every durable result, oldest first (the trusted output, parts,

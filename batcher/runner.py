@@ -182,7 +182,8 @@ class Runner:
             # and the state's, spilled beside the state (nothing kept per row).
             plan = build_plan(iter_row_ids(config.input, options),
                               (iter_id_status(p) for p in store.result_sources()),
-                              rows_hint=total, ok_only=config.retry_failed,
+                              rows_hint=total + store.result_rows(),
+                              ok_only=config.retry_failed,
                               folder=config.state_dir)
             # The cap is for the output, not for one run: earlier runs' spend counts.
             self._budget.spent = store.spend.cost_usd_known

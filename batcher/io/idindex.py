@@ -45,8 +45,9 @@ IdBatch = tuple["pa.Array[Any]", "pa.Array[Any]"]
 
 
 def partitions_for(rows: int) -> int:
-    """How many partitions for about ``rows`` entries (1 for small jobs)."""
-    return max(1, min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION)))
+    """How many partitions for about ``rows`` entries: a power of two (1 for small jobs)."""
+    wanted = max(1, min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION)))
+    return 1 << (wanted - 1).bit_length()
 
 
 class Spill:
@@ -56,7 +57,7 @@ class Spill:
 
     def __init__(self, partitions: int, *, folder: Path | None = None,
                  hash_fn: HashFn = hash) -> None:
-        self.count = max(1, partitions)
+        self.count = 1 << (max(1, partitions) - 1).bit_length()  # a power of two
         self.hash_fn = hash_fn
         self._dir = Path(tempfile.mkdtemp(prefix="batcher-ids-", dir=folder))
         self._writers: list[ipc.RecordBatchStreamWriter | None] = [None] * self.count
@@ -106,9 +107,9 @@ class Spill:
         if self.count == 1:
             self._write(0, batch)
             return
-        count, hash_fn = self.count, self.hash_fn
         plain = cast("list[str]", keys.to_pylist()) if isinstance(keys, pa.Array) else keys
-        where = pa.array([hash_fn(k) % count for k in plain], pa.int32())
+        mask, hash_fn = self.count - 1, self.hash_fn  # count is a power of two
+        where = pa.array([hash_fn(k) & mask for k in plain], pa.int32())
         del plain
         order = pc.sort_indices(where)
         routed = batch.take(order)

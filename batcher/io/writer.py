@@ -820,31 +820,28 @@ class _Gatherer:
         pieces: list[pa.Table] = []
         places: list[pa.Array[Any]] = []
         used: set[tuple[int, int]] = set()
+        # Sorted, each source's rows are one run: found by bisection, not a scan per source.
+        order = pc.sort_indices(seqs)
+        ordered = seqs.take(order)
+        values = cast("list[int]", ordered.to_pylist())
         for source in range(len(self.files)):
             low, high = self.starts[source], self.starts[source + 1]
-            if low == high:
+            begin, end = bisect.bisect_left(values, low), bisect.bisect_left(values, high)
+            if begin == end:
                 continue
-            inside = pc.and_(pc.greater_equal(seqs, pa.scalar(low, pa.int64())),
-                             pc.less(seqs, pa.scalar(high, pa.int64())))
-            if not pc.any(inside).as_py():
-                continue
-            local = pc.subtract(seqs.filter(inside), pa.scalar(low, pa.int64()))
-            where = pc.indices_nonzero(inside)
+            local = pc.subtract(ordered.slice(begin, end - begin), pa.scalar(low, pa.int64()))
             offsets = self.group_starts[source]
-            lowest, highest = pc.min_max(local).values()
-            first = bisect.bisect_right(offsets, lowest.as_py()) - 1
-            last = bisect.bisect_right(offsets, highest.as_py()) - 1
+            first = bisect.bisect_right(offsets, values[begin] - low) - 1
+            last = bisect.bisect_right(offsets, values[end - 1] - low) - 1
             groups = [self._group(source, g) for g in range(first, last + 1)]
             used.update((source, g) for g in range(first, last + 1))
             span = pa.concat_tables(groups) if len(groups) > 1 else groups[0]
             pieces.append(span.take(pc.subtract(local, pa.scalar(offsets[first], pa.int64()))))
-            places.append(where)
+            places.append(order.slice(begin, end - begin))
         for key in [k for k in self._cache if k not in used]:
             del self._cache[key]
         if not pieces:
             return self.schema.empty_table()
         table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-        if len(pieces) > 1:
-            order = pc.sort_indices(pa.concat_arrays(places))
-            table = table.take(order)
-        return table
+        # Row k of `table` belongs at position places[k]: put each where it belongs.
+        return table.take(pc.sort_indices(pa.concat_arrays(places)))

@@ -293,6 +293,17 @@ def _finalized_spend(totals: JSON, output: pa.Table | None) -> Spend:
     return spend
 
 
+def source_rows(path: Path) -> int:
+    """Result rows in a result file, cheaply (a Parquet footer; a journal: a guess from its
+    size), to size a spill; 0 when it cannot be read."""
+    try:
+        if path.name.endswith(".jsonl"):
+            return path.stat().st_size // 256
+        return int(pq.read_metadata(path).num_rows)
+    except (OSError, ValueError, pa.ArrowException):
+        return 0
+
+
 def _read_spend(path: Path) -> tuple[Spend, int]:
     """(the spend of a result file's rows, its row count); reads the status and spend columns
     only. Raises ValueError (no id/status columns), OSError or ArrowException."""

@@ -6,6 +6,7 @@
                                                          # figure is fitted from the largest two
     python tests/perf/bench_memory.py estimate [ROWS ...]  # default 100000 1000000 10000000
     python tests/perf/bench_memory.py resume [ROWS]      # default 10000000, all but 1,000 done
+    python tests/perf/bench_memory.py dryrun [ROWS]      # wall time, ~800-character prompts
 
 Inputs are generated in a temporary folder (JSONL, ~70 bytes a row). `run` goes against the
 simulator answering at once (its own process, pinned to CPU 1; the client on CPU 0). A full
@@ -156,6 +157,41 @@ def bench_resume(tmp: Path, rows: int, pending: int = 1_000) -> None:
               f"{verdict(rss < LIMIT_MB)})")
 
 
+def make_long_input(folder: Path, rows: int) -> Path:
+    """Rows of ~800-character prompts (varied words, so the tokenizer's cache does not help)."""
+    import random
+
+    text = ("the quick brown fox jumps over lazy dog classify this review as positive or "
+            "negative sentiment product arrived late but works great customer support was "
+            "helpful néanmoins 价格 合理 shipping box damaged refund quality")
+    words = text.split()
+    rng = random.Random(1)
+    path = folder / f"long-{rows}.jsonl"
+    with path.open("wb") as f:
+        for start in range(0, rows, 10_000):
+            lines = []
+            for i in range(start, min(rows, start + 10_000)):
+                text = " ".join(rng.choices(words, k=130))[:800]
+                lines.append(b'{"id":"row-%08d","prompt":"%s"}\n' % (i, text.encode()))
+            f.write(b"".join(lines))
+    return path
+
+
+def bench_dryrun(tmp: Path, rows: int, target_s: float = 10.0) -> None:
+    src = make_long_input(tmp, rows)
+    walls = []
+    for _ in range(3):
+        wall, rss, code, tail = measured(["estimate", str(src), "--model", "gpt-4o-mini",
+                                          "--json"], cpu=None)
+        if code != 0:
+            raise SystemExit(f"estimate: exit {code}\n{tail}")
+        walls.append(wall)
+        print(f"dryrun: {rows:,} rows of ~800 characters: {wall:,.1f} s wall, peak RSS "
+              f"{rss:,.0f} MB", flush=True)
+    print(f"dryrun: best {min(walls):,.1f} s (range {min(walls):,.1f}-{max(walls):,.1f} s) "
+          f"< {target_s:g} s: {verdict(min(walls) < target_s)}")
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     sizes = [int(a) for a in sys.argv[2:]]
@@ -165,6 +201,8 @@ def main() -> None:
             bench_estimate(tmp, sizes or [100_000, 1_000_000, 10_000_000])
         if which in ("resume", "all"):
             bench_resume(tmp, sizes[0] if sizes else 10_000_000)
+        if which in ("dryrun", "all"):
+            bench_dryrun(tmp, sizes[0] if sizes else 1_000_000)
         if which in ("run", "all"):
             bench_run(tmp, sizes or [100_000, 1_000_000])
 
