@@ -39,11 +39,13 @@ someone else is not trusted (its ids count as not done). The token is recorded i
 loses nothing. Output rows come in input order when the caller gives the input's ids (the
 runner does, unless ``--order completion``), else in completion order.
 
-Costs: the store keeps every done id in memory (two sets: latest ok / latest error); open reads
-only the ``id``/``status`` (and token/cost) columns of parts, and when no id has two results
-(the usual case) fills the sets in one go. Resuming 999,000 done of 1,000,000 rows takes about
-0.4 s for open + ``done_ids`` on one core (tests/perf/bench_resume.py). Compaction and finalize
-hand the memory they free back to the OS (:func:`batcher.io.writer.release_memory`).
+Costs: the store keeps no id in memory. Its record is the list of result files (the trusted
+output, parts, the live journal: :meth:`StateStore.result_sources`); which rows are done is
+worked out by the runner with :func:`batcher.io.idindex.build_plan` (a spilled, hash-partitioned
+pass over the input's and the state's ids), and ``counters.ok``/``error`` by
+:func:`batcher.io.idindex.latest_counts` when asked after a change (and at close). Open reads
+only the status and spend columns of parts. Compaction and finalize hand the memory they free
+back to the OS (:func:`batcher.io.writer.release_memory`).
 
 :func:`status` takes no lock and changes nothing; to tell whether a run is alive it takes a
 shared flock on ``lock`` for an instant (an opening run retries briefly, so the two don't clash).

@@ -10,8 +10,8 @@ Layers:
 - :func:`write_part` writes records (streamed from a journal file) as one Parquet part, atomically,
   holding one batch of values (column-wise, not as records) at a time.
 - :func:`write_final` merges parts into the final output atomically, one row per id, the latest
-  result per id winning; it streams record batches, holding only the ids (and, when some id has
-  several results, keep-masks) in memory.
+  result per id winning, in input order (or completion order); which row wins and where it goes
+  are spilled to disk (:mod:`batcher.io.idindex`), so memory holds a bounded number of rows.
 
 Memory: both return what they free to the OS as they go (:func:`release_memory`), so that a long
 run's RSS is its working set, not the high-water mark of every compaction before it.
