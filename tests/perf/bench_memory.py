@@ -50,14 +50,24 @@ def make_input(folder: Path, rows: int) -> Path:
     return path
 
 
+CPU_SECONDS: list[float] = []
+"""CPU seconds (user + system) of each measured command, in order: on a shared machine these
+vary less than wall time."""
+
+
 def measured(args: list[str], cpu: int | None = 0) -> tuple[float, float, int, str]:
     """Run ``batcher ARGS``; (wall s, peak RSS MB, exit code, stderr tail)."""
+    import resource
+
     cmd = [sys.executable, "-c", WRAP, *args]
     if cpu is not None:
         cmd = pinned(cpu, cmd)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     lines = proc.stderr.strip().splitlines()
     rss = int(lines[-1]) / 1024 * 1.048576 if lines and lines[-1].isdigit() else float("nan")
     return wall, rss, proc.returncode, "\n".join(lines[-5:])
@@ -113,7 +123,8 @@ def bench_estimate(tmp: Path, sizes: list[int]) -> None:
         if code != 0:
             raise SystemExit(f"estimate {rows}: exit {code}\n{tail}")
         peaks[rows] = rss
-        print(f"estimate: {rows:,} rows: peak RSS {rss:,.0f} MB, {wall:,.1f} s", flush=True)
+        print(f"estimate: {rows:,} rows: peak RSS {rss:,.0f} MB, {wall:,.1f} s "
+              f"({CPU_SECONDS[-1]:,.1f} s CPU)", flush=True)
     report("estimate", peaks, fitted=False)
 
 
@@ -177,17 +188,17 @@ def make_long_input(folder: Path, rows: int) -> Path:
     return path
 
 
-def bench_dryrun(tmp: Path, rows: int, target_s: float = 10.0) -> None:
+def bench_dryrun(tmp: Path, rows: int, target_s: float = 10.0, runs: int = 3) -> None:
     src = make_long_input(tmp, rows)
     walls = []
-    for _ in range(3):
+    for _ in range(runs):
         wall, rss, code, tail = measured(["estimate", str(src), "--model", "gpt-4o-mini",
                                           "--json"], cpu=None)
         if code != 0:
             raise SystemExit(f"estimate: exit {code}\n{tail}")
         walls.append(wall)
-        print(f"dryrun: {rows:,} rows of ~800 characters: {wall:,.1f} s wall, peak RSS "
-              f"{rss:,.0f} MB", flush=True)
+        print(f"dryrun: {rows:,} rows of ~800 characters: {wall:,.1f} s wall "
+              f"({CPU_SECONDS[-1]:,.1f} s CPU), peak RSS {rss:,.0f} MB", flush=True)
     print(f"dryrun: best {min(walls):,.1f} s (range {min(walls):,.1f}-{max(walls):,.1f} s) "
           f"< {target_s:g} s: {verdict(min(walls) < target_s)}")
 
