@@ -225,3 +225,16 @@ def test_blocks_of_done_rows_are_skipped_whole_and_counted(
     assert [r.line for b in batches for r in b.rows][:1] == [2_002]
     assert sum(b.lines_read for b in batches) == 3_000
     assert all(b.lines_read <= 64 for b in batches)
+
+
+def test_spills_left_by_a_killed_run_are_removed_on_open(tmp_path: Path) -> None:
+    from batcher.checkpoint import StateStore, state_dir_for
+
+    out = tmp_path / "out.parquet"
+    with StateStore.open(out, {"input": "x"}, run_id="a"):
+        pass
+    left = state_dir_for(out) / "batcher-ids-abc123"
+    left.mkdir()
+    (left / "p000.arrow").write_bytes(b"partial")
+    with StateStore.open(out, {"input": "x"}, run_id="b"):
+        assert not left.exists()

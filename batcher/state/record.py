@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,6 +404,10 @@ def _scan(state: Path, output: Path, meta: Mapping[str, JSON], *, repair: bool,
             tmp.unlink(missing_ok=True)
         for out_tmp in output.parent.glob(f".{glob_escape(output.name)}.*.tmp"):
             out_tmp.unlink(missing_ok=True)
+        # Id spills of a run killed midway (batcher.io.idindex); the lock says none is live.
+        for spill in state.glob("batcher-*-*"):
+            if spill.is_dir() and spill.name.startswith(("batcher-ids-", "batcher-order-")):
+                shutil.rmtree(spill, ignore_errors=True)
     if meta.get("finalized_token") is not None and fin is None:
         rec.warnings.append(
             f"{output} is missing or is not the file this state finalized; its rows are not "
