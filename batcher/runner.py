@@ -66,6 +66,7 @@ from batcher.tokens import (
     tokenizer_name,
 )
 from batcher.types import (
+    JSON,
     HttpRequest,
     RequestRow,
     ResultRow,
@@ -194,7 +195,7 @@ class Runner:
                 outcome, message = "aborted", str(self._abort_error)
             elif self.stop_reason is not None:
                 outcome = "interrupted"
-            meta: dict[str, object] = {"status": outcome, "bad_rows": self.progress.bad_rows}
+            meta: dict[str, JSON] = {"status": outcome, "bad_rows": self.progress.bad_rows}
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
                 meta["total_rows"] = total - self.progress.bad_rows
@@ -235,7 +236,7 @@ class Runner:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def _fingerprint(self) -> dict[str, object]:
+    def _fingerprint(self) -> dict[str, JSON]:
         c = self.config
         return {
             "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,

@@ -25,7 +25,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 from jsonschema import Draft202012Validator
@@ -212,7 +211,7 @@ def _refuse(source: str, where: str, what: str) -> ConfigError:
         "min/maxLength, pattern); rewrite the schema without it, or use another endpoint")
 
 
-def _gemini_node(node: Any, source: str, where: str) -> dict[str, JSON]:
+def _gemini_node(node: object, source: str, where: str) -> dict[str, JSON]:
     if not isinstance(node, Mapping):
         raise _refuse(source, where, f"a schema that is {node!r:.40}")
     out: dict[str, JSON] = {}
