@@ -241,7 +241,7 @@ def cache_clear(folder: Path, older_than: str | None) -> None:
 
 def simulator_options(func: F) -> F:
     """The simulator's options, generated from its own table so flags and docs never drift."""
-    from batcher.simulate import SIM_OPTIONS
+    from batcher.simulator.config import SIM_OPTIONS  # not the server: --help stays quick
 
     for option in reversed(SIM_OPTIONS):
         if option.type is bool:
