@@ -10,10 +10,17 @@ from types import TracebackType
 
 from batcher.providers.base import parse_duration
 
-HEADROOM = 0.985
-"""Fraction of a stated limit that is used. Sends are spaced evenly at 98.5% of the limit, so
-any one-second window of a provider that counts in per-second slices sees at most
-floor(0.985 × limit) + 1 ≤ limit requests, while >97% of the limit is delivered."""
+HEADROOM = 0.995
+"""Fraction of a stated limit that is used. Sends are spaced evenly at 99.5% of the limit; what
+keeps a provider that counts in per-second slices from ever seeing more than its limit in one
+slice is the request pacer's window (:data:`SLICE_WINDOW`), so the headroom only has to cover
+the jitter between our clock and the server's."""
+
+SLICE_WINDOW = 1.002
+"""The request pacer never lets more than floor(limit per second) sends into any window of this
+many seconds, counted on the times sends were released: late wake-ups that catch up cannot
+bunch into one of the provider's one-second slices. The 2 ms over a second cover the jitter of
+arrival at the server (loopback and LAN take well under a millisecond)."""
 
 TIMER_SLACK = 0.001
 """Seconds by which the spacing floor sits below the limit's interval (at most a tenth of it):
@@ -38,18 +45,24 @@ class Pacer:
     With ``spacing`` (the request pacer), no two releases are ever closer than the limit's own
     interval (``1 / per_second``) less :data:`TIMER_SLACK`, however late a waiter woke: a
     strict gateway limiter (nginx ``limit_req`` without burst) refuses a request that follows
-    the last one by less. The headroom and that millisecond are what a late wake-up may catch
-    up. :meth:`push_back` moves the whole schedule behind a cooldown: waiters whose slots fell
-    inside it take fresh, evenly spaced slots after it instead of leaving together.
+    the last one by less. And no window of :data:`SLICE_WINDOW` seconds holds more than
+    floor(``per_second``) releases (at two or more a second): a limiter counting per-second
+    slices never sees more than its limit in one, however the wake-ups fell. On time, the
+    schedule's own spacing keeps both checks idle. :meth:`push_back` moves the whole schedule
+    behind a cooldown: waiters whose slots fell inside it take fresh, evenly spaced slots
+    after it instead of leaving together.
     """
 
-    __slots__ = ("_epoch", "_next", "_released", "interval", "min_gap", "per_second", "spacing")
+    __slots__ = ("_epoch", "_next", "_recent", "_released", "interval", "min_gap", "per_second",
+                 "spacing")
 
     def __init__(self, per_second: float, *, spacing: bool = False) -> None:
         self.spacing = spacing
         self._next = 0.0
         self._released = -math.inf
         self._epoch = 0
+        self._recent: deque[float] | None = None
+        """The last floor(per_second) release times (the request pacer at >= 2/s)."""
         self.set_rate(per_second)
 
     def set_rate(self, per_second: float) -> None:
@@ -58,6 +71,11 @@ class Pacer:
         self.interval = 1.0 / (per_second * HEADROOM)
         gap = 1.0 / per_second
         self.min_gap = gap - min(TIMER_SLACK, 0.1 * gap) if self.spacing else 0.0
+        per_window = math.floor(per_second) if self.spacing and per_second >= 2 else 0
+        if per_window == 0:
+            self._recent = None
+        elif self._recent is None or self._recent.maxlen != per_window:
+            self._recent = deque(self._recent or (), maxlen=per_window)
 
     async def acquire(self, amount: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
@@ -70,8 +88,13 @@ class Pacer:
                 start = max(self._next, now)
                 self._next = start + amount * self.interval
             wait = max(start - now, self._released + self.min_gap - now)
+            recent = self._recent
+            if recent is not None and len(recent) == recent.maxlen:
+                wait = max(wait, recent[0] + SLICE_WINDOW - now)
             if wait <= 0:
                 self._released = now
+                if recent is not None:
+                    recent.append(now)
                 return
             await asyncio.sleep(wait)
 
