@@ -52,17 +52,21 @@ NAMESPACE = "batcher"
 MAX_ACTOR_LOSSES = 5
 """Times one request may lose its actor (the actor died with it in flight) before the job
 stops (exit 3): an actor that dies over and over has a cause a retry will not cure."""
+ACTOR_BACKOFF = 0.5
+"""Seconds before a request whose actor died is sent again (doubling per loss)."""
 CONTROL_CALLS = 16
 """An actor's concurrent calls beyond its sends: cooldowns, stop, ping."""
 
 
 def connect(address: str | None) -> bool:
-    """Join the cluster at ``address`` (``auto``, ``host:port``, ``ray://…``), or start Ray
-    on this machine when None, unless this process is connected already (a library caller,
-    a test). Returns True when this call connected (and the caller shuts Ray down)."""
+    """Join the cluster at ``address`` (``auto``: the one ``ray start`` started here,
+    ``host:port``, ``ray://…``), or, when None, start a new Ray on this machine (``local``:
+    never a cluster someone else started with ``ray start``), unless this process is
+    connected already (a library caller, a test). Returns True when this call connected
+    (the caller then shuts Ray down)."""
     if ray.is_initialized():
         return False
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False,
+    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=True, configure_logging=False)
     return True
 
@@ -85,6 +89,9 @@ class RayEngine(LiveEngine):
         owned = connect(config.ray_address)
         try:
             self._start_actors()
+            nodes = {node for _, node in await asyncio.gather(
+                *(handle.ping.remote() for handle in self._handles))}
+            get_logger().info("ray_actors_ready", actors=len(self._handles), nodes=len(nodes))
             self._workers = [asyncio.create_task(self._work_on(index, rows, job))
                              for index in range(len(self._handles))
                              for _ in range(config.concurrency)]
@@ -193,7 +200,10 @@ class RayEngine(LiveEngine):
     async def _call(self, index: int, row: RequestRow, prepared: Any, job: Job) -> Reply | None:
         """The actor's reply; the request sent again (to the restarted actor) when its actor
         died with it. None when the job stopped meanwhile."""
-        for _ in range(MAX_ACTOR_LOSSES):
+        for loss in range(MAX_ACTOR_LOSSES):
+            if loss:
+                # Ray restarts a dead actor in a second or two; calls in between may fail.
+                await asyncio.sleep(ACTOR_BACKOFF * 2 ** (loss - 1))
             try:
                 reply: Reply = await self._handles[index].send.remote(
                     row, prepared.provider, prepared.request, prepared.tokens)

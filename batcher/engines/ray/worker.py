@@ -85,11 +85,13 @@ class SendWorker:
         outcome = await sender.send(row, provider, request, tokens)
         return self._reply(_portable(outcome))
 
-    async def ping(self) -> int:
-        """The actor is up (its process id)."""
+    async def ping(self) -> tuple[int, str]:
+        """The actor is up: its process id and its Ray node's id."""
         import os
 
-        return os.getpid()
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def stop(self) -> None:
         """The job stops: sends waiting for a slot, a cooldown or a retry give up now;
