@@ -98,6 +98,7 @@ class RayEngine(LiveEngine):
             if job.stop.is_set():
                 self.stop(now=False)
             outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
+            get_logger().info("ray_sending_done", actors=len(self._handles))
         finally:
             self._stop_actors()
             if owned:
