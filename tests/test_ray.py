@@ -280,6 +280,37 @@ def test_driver_killed_resumes_with_nothing_sent_twice(
     assert sim.stats.requests <= n + actors * concurrency
 
 
+def test_sigterm_stops_gracefully_on_a_local_ray(
+        ray_address: str, make_sim: Callable[..., SimulatorThread], tmp_path: Path) -> None:
+    """No --ray-address: the driver starts its own Ray. SIGTERM keeps batcher's graceful stop
+    (ray.init installs a handler of its own): exit 143, answers in flight kept, and the
+    rerun sends nothing twice."""
+    n = 300
+    sim = make_sim(latency_ms=40)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(n))
+    out = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "batcher", "run", str(src), "-o", str(out), "--base-url",
+           sim.base_url, "--model", "gpt-4o-mini", "--no-progress", "--engine", "ray",
+           "--ray-actors", "2", "--concurrency", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: sim.stats.ok >= 30 or proc.poll() is not None, "30 answers", 120)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr[-3000:]
+    again = subprocess.run([*cmd, "--ray-address", ray_address], capture_output=True,
+                           text=True, timeout=180, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _exactly_once(out, [f"r{i}" for i in range(n)])
+    assert sim.stats.resent_after_ok == 0
+    assert sim.stats.requests == n
+
+
 # --- a second node ---------------------------------------------------------------------------
 
 

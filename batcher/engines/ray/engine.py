@@ -31,6 +31,8 @@ would lose (and pay again for) whole blocks.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import uuid
 from typing import Any
 
@@ -66,8 +68,17 @@ def connect(address: str | None) -> bool:
     (the caller then shuts Ray down)."""
     if ray.is_initialized():
         return False
-    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+    # ray.init installs its own SIGTERM handler (exit at once); the job's graceful stop
+    # (in-flight answers kept, exit 143) must stay the one that runs.
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in kept.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
     return True
 
 
