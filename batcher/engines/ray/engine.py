@@ -56,6 +56,9 @@ MAX_ACTOR_LOSSES = 5
 stops (exit 3): an actor that dies over and over has a cause a retry will not cure."""
 ACTOR_BACKOFF = 0.5
 """Seconds before a request whose actor died is sent again (doubling per loss)."""
+BATCH = 32
+"""Requests handed to one actor in one Ray call, at most (their replies stream back one
+by one, each as it is answered)."""
 CONTROL_CALLS = 16
 """An actor's concurrent calls beyond its sends: cooldowns, stop, ping."""
 
@@ -94,12 +97,15 @@ class RayEngine(LiveEngine):
         self._limiter: Any = None
         self._waiting: set[asyncio.Task[None]] = set()
         self._first = True
+        self._outbox: list[list[tuple[tuple[Any, ...], asyncio.Future[Reply]]]] = []
+        self._streams: set[asyncio.Future[None]] = set()
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None:
         config = self.config
         owned = connect(config.ray_address)
         try:
             self._start_actors()
+            self._outbox = [[] for _ in self._handles]
             nodes = {node for _, node in await asyncio.gather(
                 *(handle.ping.remote() for handle in self._handles))}
             get_logger().info("ray_actors_ready", actors=len(self._handles), nodes=len(nodes))
@@ -111,6 +117,11 @@ class RayEngine(LiveEngine):
             outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
             get_logger().info("ray_sending_done", actors=len(self._handles))
         finally:
+            # No reply stream may outlive Ray: a generator touched after ray.shutdown()
+            # ends the process (exit 1, no message).
+            for stream in self._streams:
+                stream.cancel()
+            await asyncio.gather(*self._streams, return_exceptions=True)
             self._stop_actors()
             if owned:
                 ray.shutdown()
@@ -212,14 +223,18 @@ class RayEngine(LiveEngine):
     async def _call(self, index: int, row: RequestRow, prepared: Any, job: Job) -> Reply | None:
         """The actor's reply; the request sent again (to the restarted actor) when its actor
         died with it. None when the job stopped meanwhile."""
+        loop = asyncio.get_running_loop()
         for loss in range(MAX_ACTOR_LOSSES):
             if loss:
                 # Ray restarts a dead actor in a second or two; calls in between may fail.
                 await asyncio.sleep(ACTOR_BACKOFF * 2 ** (loss - 1))
+            answer: asyncio.Future[Reply] = loop.create_future()
+            self._outbox[index].append(((row, prepared.provider, prepared.request,
+                                         prepared.tokens), answer))
+            if len(self._outbox[index]) == 1:
+                loop.call_soon(self._flush, index)
             try:
-                reply: Reply = await self._handles[index].send.remote(
-                    row, prepared.provider, prepared.request, prepared.tokens)
-                return reply
+                return await answer
             except RayActorError as exc:
                 get_logger().warning("ray_actor_lost", actor=index, id=row.id,
                                      note="the request is sent again, to the restarted actor",
@@ -229,3 +244,30 @@ class RayEngine(LiveEngine):
         job.abort(Aborted(f"Ray actor {index} died {MAX_ACTOR_LOSSES} times with request "
                           f"{row.id!r} in flight; rerun the same command to resume"))
         return None
+
+    def _flush(self, index: int) -> None:
+        """Hand the requests queued for actor ``index`` in this loop turn over in one call
+        (at most :data:`BATCH` each): one Ray call per batch, not per request."""
+        outbox = self._outbox[index]
+        while outbox:
+            batch, outbox[:BATCH] = outbox[:BATCH], []
+            stream = asyncio.ensure_future(self._stream(index, batch))
+            self._streams.add(stream)
+            stream.add_done_callback(self._streams.discard)
+
+    async def _stream(self, index: int,
+                      batch: list[tuple[tuple[Any, ...], asyncio.Future[Reply]]]) -> None:
+        try:
+            replies = self._handles[index].send_many.remote([item for item, _ in batch])
+            async for ref in replies:
+                position, reply = await ref
+                answer = batch[position][1]
+                if not answer.done():
+                    answer.set_result(reply)
+        except Exception as exc:    # the actor died (sent again), or a defect (reported)
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+        for _, answer in batch:
+            if not answer.done():
+                answer.set_exception(RuntimeError("the actor's stream ended without a reply"))

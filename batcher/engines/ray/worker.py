@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,6 +85,27 @@ class SendWorker:
         sender = await self._started
         outcome = await sender.send(row, provider, request, tokens)
         return self._reply(_portable(outcome))
+
+    async def send_many(self, items: list[tuple[RequestRow, Provider, HttpRequest, int]]
+                        ) -> AsyncIterator[tuple[int, Reply]]:
+        """Send several requests at once; yield ``(index, reply)`` for each as it is answered
+        (a Ray streaming generator: one call for many requests, each reply back at once)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        sender = await self._started
+
+        async def one(index: int, item: tuple[RequestRow, Provider, HttpRequest, int]
+                      ) -> tuple[int, Sent | Failed | None]:
+            return index, await sender.send(*item)
+
+        tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                index, outcome = await done
+                yield index, self._reply(_portable(outcome))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def ping(self) -> tuple[int, str]:
         """The actor is up: its process id and its Ray node's id."""
