@@ -161,6 +161,9 @@ class Throttle:
       window of successes, up to ``concurrency``).
     - Streams cut while others run (a server that interrupts a stream when a new request
       arrives) halve the concurrency, down to one (:meth:`on_stream_cut`).
+    - With ``shared`` (a :class:`SharedLimit`: the Ray engine's cluster-wide limit), requests
+      are paced by it instead of local pacers, the rate is not discovered, every cooldown
+      started here is told to it, and :meth:`cool_until` takes the cooldowns it reports.
     """
 
     def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int,

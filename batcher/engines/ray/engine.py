@@ -13,7 +13,10 @@ How the work is divided (and why):
   session and :class:`~batcher.sender.Sender` at ``--concurrency``: the same providers,
   retry policy and error handling as live mode. The driver builds each request
   (``job.prepare``: provider, budget, cache), hands it to an actor, and turns the reply
-  into result rows (``job.finish``). ``--concurrency × N`` requests are in flight at most.
+  into result rows (``job.finish``). Requests queued for one actor in one event-loop turn
+  go in one Ray call (up to :data:`BATCH`); the actor streams each reply back as it is
+  answered, so an answer is durable as soon as in live mode. ``--concurrency × N``
+  requests are in flight at most.
 - **One rate limit.** ``--rpm``/``--tpm`` are the account's: one named
   :class:`~.limiter.ClusterLimiter` actor keeps the GCRA schedule and leases slots to the
   workers in small batches; a 429's cooldown reaches every worker (see :mod:`.limiter`).
@@ -146,21 +149,22 @@ class RayEngine(LiveEngine):
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         count = config.ray_actors or max(1, int(cpus))
         run = uuid.uuid4().hex[:12]
+        limiter = f"limiter-{run}"
         self._limiter = ray.remote(ClusterLimiter).options(
-            name=f"limiter-{run}", namespace=NAMESPACE, num_cpus=0,
+            name=limiter, namespace=NAMESPACE, num_cpus=0,
         ).remote(config.rpm, config.tpm)
         settings = WorkerSettings(
             concurrency=config.concurrency, timeout=config.timeout,
             max_attempts=config.max_attempts, max_rate_limit_wait=config.max_rate_limit_wait,
             server_down_after=config.server_down_after, base_url=config.base_url,
-            rpm=config.rpm, tpm=config.tpm)
+            rpm=config.rpm, tpm=config.tpm, namespace=NAMESPACE)
         worker = ray.remote(SendWorker)
         self._handles = [worker.options(
             name=f"sender-{run}-{i}", namespace=NAMESPACE,
             # A share of a CPU each, so that N actors always fit the cluster.
             num_cpus=min(1.0, cpus / count), max_concurrency=config.concurrency + CONTROL_CALLS,
             max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
-        ).remote(settings, self._limiter) for i in range(count)]
+        ).remote(settings, limiter) for i in range(count)]
         get_logger().info("ray_engine", actors=count, cluster_cpus=cpus,
                           concurrency_per_actor=config.concurrency, rpm=config.rpm,
                           tpm=config.tpm)

@@ -41,6 +41,7 @@ class WorkerSettings:
     base_url: str
     rpm: float | None
     tpm: float | None
+    namespace: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +64,13 @@ class _Counters:
 
 
 class SendWorker:
-    """See the module docstring. ``limiter`` is the job's ClusterLimiter actor handle."""
+    """See the module docstring. ``limiter`` names the job's ClusterLimiter actor (looked up
+    by name, so that an actor Ray restarts finds it again)."""
 
-    def __init__(self, settings: WorkerSettings, limiter: Any) -> None:
+    def __init__(self, settings: WorkerSettings, limiter: str) -> None:
         self._settings = settings
-        self._limiter = limiter
+        self._limiter_name = limiter
+        self._limiter: Any = None
         self._counters = _Counters()
         self._reported = (0, 0)
         self._abort: Aborted | JobFatal | None = None
@@ -76,15 +79,6 @@ class SendWorker:
         self._slots: LeasedSlots | None = None
         self._started: asyncio.Future[Sender] | None = None
         self._stop: asyncio.Event | None = None
-
-    async def send(self, row: RequestRow, provider: Provider, request: HttpRequest,
-                   tokens: int) -> Reply:
-        """Send one request until answered or given up (see :meth:`Sender.send`)."""
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
-        sender = await self._started
-        outcome = await sender.send(row, provider, request, tokens)
-        return self._reply(_portable(outcome))
 
     async def send_many(self, items: list[tuple[RequestRow, Provider, HttpRequest, int]]
                         ) -> AsyncIterator[tuple[int, Reply]]:
@@ -134,7 +128,10 @@ class SendWorker:
             self._transport = None
 
     async def _start(self) -> Sender:
+        import ray
+
         s = self._settings
+        self._limiter = ray.get_actor(self._limiter_name, namespace=self._settings.namespace)
         self._stop = asyncio.Event()
         self._transport = await Transport(concurrency=s.concurrency,
                                           timeout=s.timeout).__aenter__()
@@ -146,8 +143,6 @@ class SendWorker:
             max_rate_limit_wait=s.max_rate_limit_wait, server_down_after=s.server_down_after,
             base_url=s.base_url, log=get_logger(), abort=self._on_abort, stop=self._stop,
             counters=self._counters)
-        import ray
-
         me = ray.get_runtime_context().current_actor
         until = await self._limiter.register.remote(me)
         self.cooldown(until)
