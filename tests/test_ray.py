@@ -145,6 +145,23 @@ def test_four_actors_keep_one_limit(ray_address: str, make_sim: Callable[..., Si
     _exactly_once(out, [f"r{i}" for i in range(n)])
 
 
+def test_four_actors_keep_one_token_limit(ray_address: str,
+                                          make_sim: Callable[..., SimulatorThread],
+                                          tmp_path: Path) -> None:
+    """--tpm is the account's too: four actors charge one token schedule (four separate ones
+    would send four times the server's 6,000 tokens a minute and be refused)."""
+    n = 24
+    sim = make_sim(tpm=6000, latency_ms=20)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(n))
+    out = tmp_path / "out.parquet"
+    result = _run(src, out, sim.base_url, "--engine", "ray", "--ray-actors", "4",
+                  "--concurrency", "4", "--tpm", "6000", "-p", "max_tokens=20")
+    assert result.exit_code == 0, result.stderr
+    assert sim.stats.rate_limited == 0, sim.stats.as_dict()
+    assert sim.stats.requests == n
+    _exactly_once(out, [f"r{i}" for i in range(n)])
+
+
 class _Recorder:
     """A chat server that answers the first request 429 (Retry-After: 1 s) and every other
     one after 50 ms, and records when each request arrived (monotonic seconds)."""
