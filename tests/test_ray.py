@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,6 +387,7 @@ def test_two_raylets_stand_in_for_two_nodes(make_sim: Callable[..., SimulatorThr
     finally:
         for group in reversed(groups):
             _stop_group(group)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _free_port() -> int:
