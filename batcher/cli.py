@@ -145,6 +145,15 @@ def cli() -> None:
 @click.option("--keep-raw", is_flag=True, help="Keep each raw response JSON in column 'raw'.")
 @click.option("--flatten", is_flag=True,
               help="With --response-format: one typed column per top-level schema property.")
+@click.option("--engine", type=click.Choice(["live", "local", "ray"]),
+              help="Where requests are sent from: this process (live, also 'local') or the "
+                   "actors of a Ray cluster (ray; pip install 'batcher[ray]') [default: live].")
+@click.option("--ray-address", metavar="ADDRESS",
+              help="--engine ray: the cluster to join (auto, host:port, ray://...) "
+                   "[default: start Ray on this machine].")
+@click.option("--ray-actors", type=int, metavar="N",
+              help="--engine ray: sending actors, each at --concurrency [default: one per "
+                   "cluster CPU].")
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")

@@ -7,6 +7,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Protocol
 
 from batcher.providers.base import parse_duration
 
@@ -77,6 +78,19 @@ class Pacer:
         elif self._recent is None or self._recent.maxlen != per_window:
             self._recent = deque(self._recent or (), maxlen=per_window)
 
+    def reserve(self, amount: float, now: float) -> float:
+        """Take the next free instant for ``amount`` units (never before ``now``) and return
+        it, without waiting: the schedule itself, for a caller that waits elsewhere (the Ray
+        engine's cluster limiter hands these instants out to its workers)."""
+        start = max(self._next, now)
+        self._next = start + amount * self.interval
+        return start
+
+    def defer(self, until: float) -> None:
+        """No instant before ``until`` is handed out; instants already handed out stand."""
+        if until > self._next:
+            self.push_back(until)
+
     async def acquire(self, amount: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         epoch = -1
@@ -85,8 +99,7 @@ class Pacer:
             now = loop.time()
             if epoch != self._epoch:       # first pass, or the schedule was pushed back
                 epoch = self._epoch
-                start = max(self._next, now)
-                self._next = start + amount * self.interval
+                start = self.reserve(amount, now)
             wait = max(start - now, self._released + self.min_gap - now)
             recent = self._recent
             if recent is not None and len(recent) == recent.maxlen:
@@ -107,10 +120,35 @@ class Pacer:
         """Push the next free slot back by ``amount`` (units used beyond what was charged)."""
         self._next += amount * self.interval
 
-    def refund(self, amount: float) -> None:
-        """Give back ``amount`` units charged but not used (never earlier than now)."""
-        loop = asyncio.get_running_loop()
-        self._next = max(loop.time(), self._next - amount * self.interval)
+    def refund(self, amount: float, now: float | None = None) -> None:
+        """Give back ``amount`` units charged but not used (never earlier than ``now``,
+        default the event loop's clock)."""
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        self._next = max(now, self._next - amount * self.interval)
+
+
+class SharedLimit(Protocol):
+    """Pacing that several processes share (the Ray engine's cluster-wide limit): a
+    :class:`Throttle` given one paces through it instead of its own pacers, and tells it of
+    every cooldown it starts so that the cooldown reaches the other processes too."""
+
+    @property
+    def rpm(self) -> float | None:
+        """The shared requests-per-minute limit, or None."""
+        ...
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait for one request's send slot and ``tokens`` of the TPM budget."""
+        ...
+
+    def cooldown(self, delay: float) -> None:
+        """This process starts a cooldown of ``delay`` seconds from now: tell the others."""
+        ...
+
+    def settle_tokens(self, charged: int, actual: int, *, explicit_max: bool) -> None:
+        """Correct the shared TPM account (see :meth:`Throttle.settle_tokens`)."""
+        ...
 
 
 DISCOVER_DECREASE = 0.7
@@ -146,9 +184,16 @@ class Throttle:
       window of successes, up to ``concurrency``).
     - Streams cut while others run (a server that interrupts a stream when a new request
       arrives) halve the concurrency, down to one (:meth:`on_stream_cut`).
+    - With ``shared`` (a :class:`SharedLimit`: the Ray engine's cluster-wide limit), requests
+      are paced by it instead of local pacers, the rate is not discovered, every cooldown
+      started here is told to it, and :meth:`cool_until` takes the cooldowns it reports.
     """
 
-    def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int) -> None:
+    def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int,
+                 shared: SharedLimit | None = None) -> None:
+        self._shared = shared
+        if shared is not None:
+            rpm = tpm = None     # paced by the shared limit, not here
         self._rpm = Pacer(rpm / 60.0, spacing=True) if rpm else None
         self._tpm = Pacer(tpm / 60.0) if tpm else None
         self._cooldown_until = 0.0
@@ -156,7 +201,7 @@ class Throttle:
         self._ok_since_429 = True
         self._burst_forgiven = False
         self._probe_fast = True
-        self.adaptive = rpm is None and tpm is None
+        self.adaptive = rpm is None and tpm is None and shared is None
         self.max_concurrency = concurrency
         self.window = float(concurrency)
         self.stream_cap = concurrency
@@ -169,6 +214,8 @@ class Throttle:
     @property
     def rpm(self) -> float | None:
         """The requests per minute the pacer keeps to (stated, or discovered), or None."""
+        if self._shared is not None:
+            return self._shared.rpm
         return self._rpm.per_second * 60.0 if self._rpm is not None else None
 
     # --- dispatch -----------------------------------------------------------------------
@@ -186,6 +233,8 @@ class Throttle:
         loop = asyncio.get_running_loop()
         while True:
             await self.wait_cooldown()
+            if self._shared is not None:
+                await self._shared.acquire(tokens)
             if self._tpm is not None and tokens > 0:
                 await self._tpm.acquire(tokens)
             if self._rpm is not None:
@@ -206,6 +255,8 @@ class Throttle:
         tokens are given back only when the charge rested on our own default for a missing
         ``max_tokens``: when the request carried ``max_tokens``, the provider counted all of
         it on arrival and gives nothing back, so neither do we."""
+        if self._shared is not None and actual is not None:
+            self._shared.settle_tokens(charged, actual, explicit_max=explicit_max)
         if self._tpm is None or actual is None:
             return
         if actual > charged:
@@ -324,11 +375,19 @@ class Throttle:
             self._rpm = Pacer(max(DISCOVER_MIN_PER_SECOND, seen * DISCOVER_DECREASE),
                               spacing=True)
 
-    def _cool_until(self, until: float) -> None:
+    def cool_until(self, until: float) -> None:
+        """A cooldown until ``until`` (event-loop time) started elsewhere (another process
+        sharing the limit): wait it out here too, without telling the others again."""
+        if until > self._cooldown_until:
+            self._cool_until(until, tell=False)
+
+    def _cool_until(self, until: float, *, tell: bool = True) -> None:
         self._cooldown_until = until
         for pacer in (self._rpm, self._tpm):
             if pacer is not None:
                 pacer.push_back(until)
+        if tell and self._shared is not None:
+            self._shared.cooldown(until - asyncio.get_running_loop().time())
 
     def _observe_remaining(self, headers: Mapping[str, str]) -> None:
         for kind in ("requests", "tokens"):

@@ -157,6 +157,9 @@ class Runner:
             self.config = replace(self.config, concurrency=pool)
             self.consumers = pool
         config = self.config
+        # Before the state is opened: an engine that cannot run here (Ray not installed)
+        # is a usage error (exit 2) that leaves no trace.
+        self._engine = get_engine(config)
         options = config.reader_options()
         total = count_rows(config.input)
         self._warn_if_slow(total)
@@ -311,7 +314,8 @@ class Runner:
     async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        self._engine = engine = get_engine(config)
+        engine = self._engine
+        assert engine is not None   # made in run()
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._write(store))

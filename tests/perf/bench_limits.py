@@ -113,11 +113,13 @@ def make_input(folder: Path, rows: int) -> Path:
 
 
 def run_client(src: Path, out: Path, base_url: str, *extra: str,
-               key: str = KEY) -> tuple[int, float, str]:
-    """`batcher run` pinned to CPU 0; (exit code, wall seconds incl. start-up, stderr)."""
-    cmd = pinned(0, [sys.executable, "-m", "batcher", "run", str(src), "-o", str(out),
-                     "--base-url", base_url, "--model", "gpt-4o-mini", "--no-progress",
-                     "--log-format", "json", *extra])
+               key: str = KEY, pinned_cpu: int | None = 0) -> tuple[int, float, str]:
+    """`batcher run` pinned to CPU ``pinned_cpu`` (None: not pinned); (exit code, wall
+    seconds incl. start-up, stderr)."""
+    command = [sys.executable, "-m", "batcher", "run", str(src), "-o", str(out),
+               "--base-url", base_url, "--model", "gpt-4o-mini", "--no-progress",
+               "--log-format", "json", *extra]
+    cmd = command if pinned_cpu is None else pinned(pinned_cpu, command)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(OPENAI_API_KEY=key), capture_output=True,
                           text=True, check=False)
