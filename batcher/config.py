@@ -23,6 +23,9 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_BATCH_SIZE = 16
 ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
+ENGINES = ("live", "ray")
+ENGINE_ALIASES = {"local": "live"}
+"""PRODUCT.md names the one-machine engine ``local``; the code and the seam call it ``live``."""
 
 
 ORDERS = ("input", "completion")
@@ -84,6 +87,13 @@ class RunConfig:
     order: str = "input"
     """The final output's row order: ``input`` (the input's, then ids the input no longer
     has) or ``completion`` (as answered; skips the input pass at finalize)."""
+    engine: str = "live"
+    """How rows are sent: ``live`` (this process's async pool) or ``ray`` (a Ray cluster)."""
+    ray_address: str | None = None
+    """``--engine ray``: the cluster to join (``auto``, ``ray://…``, ``host:port``); None
+    starts a local Ray on this machine."""
+    ray_actors: int | None = None
+    """``--engine ray``: sending actors, each at ``concurrency``; None: one per cluster CPU."""
     job: str | None = None
 
     @functools.cached_property
@@ -150,6 +160,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "price_output": (0, 1e6),
     "grace": (0, 86_400),
     "server_down_after": (0.01, 86_400),
+    "ray_actors": (1, 10_000),
 }
 
 
@@ -186,6 +197,13 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     if given.get("endpoint", "chat") not in ENDPOINTS:
         raise ConfigError(
             f"endpoint: {given['endpoint']!r} is not one of {', '.join(ENDPOINTS)}")
+    engine = ENGINE_ALIASES.get(given.get("engine", "live"), given.get("engine", "live"))
+    if engine not in ENGINES:
+        raise ConfigError(f"engine (--engine): {engine!r} is not one of {', '.join(ENGINES)}")
+    given["engine"] = engine
+    for key in ("ray_address", "ray_actors"):
+        if key in given and engine != "ray":
+            raise ConfigError(f"{option_name(key)} needs engine ray (--engine ray)")
     for key, (low, high) in _BOUNDS.items():
         if key in given:
             value = given[key]

@@ -74,6 +74,7 @@ from batcher.tokens import (
     tokenizer_name,
 )
 from batcher.types import (
+    JSON,
     HttpRequest,
     RequestRow,
     ResultRow,
@@ -164,6 +165,9 @@ class Runner:
             self.config = replace(self.config, concurrency=pool)
             self.consumers = pool
         config = self.config
+        # Before the state is opened: an engine that cannot run here (Ray not installed)
+        # is a usage error (exit 2) that leaves no trace.
+        self._engine = get_engine(config)
         options = config.reader_options()
         total = count_rows(config.input)
         self._warn_if_slow(total)
@@ -208,7 +212,7 @@ class Runner:
                 outcome, message = "aborted", str(self._abort_error)
             elif self.stop_reason is not None:
                 outcome = "interrupted"
-            meta: dict[str, object] = {"status": outcome, "bad_rows": self.progress.bad_rows}
+            meta: dict[str, JSON] = {"status": outcome, "bad_rows": self.progress.bad_rows}
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
                 meta["total_rows"] = total - self.progress.bad_rows
@@ -252,7 +256,7 @@ class Runner:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def _fingerprint(self) -> dict[str, object]:
+    def _fingerprint(self) -> dict[str, JSON]:
         c = self.config
         return {
             "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
@@ -327,7 +331,8 @@ class Runner:
     async def _pipeline(self, store: StateStore, options: ReaderOptions, plan: RowPlan) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        self._engine = engine = get_engine(config)
+        engine = self._engine
+        assert engine is not None   # made in run()
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._write(store))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from batcher.types import JSON
 
 
 @dataclass(slots=True)
@@ -60,7 +61,7 @@ class Stats:
     def count_fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, JSON]:
         """A JSON-ready snapshot (``by_status`` keys become strings, as JSON requires)."""
         return {
             "requests": self.requests,
