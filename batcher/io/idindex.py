@@ -360,9 +360,9 @@ def _resolve_plan(table: pa.Table, plan: RowPlan, ok_only: bool) -> None:
     # first input row is that id's latest result, if it has any.
     prev_aux = _shift(aux, 0)
     had_result = pc.and_(first, prev_same)
-    done = had_result if not ok_only else pc.and_(
+    done = had_result if not ok_only else cast("pa.Array[pa.BooleanScalar]", pc.and_(
         had_result, pc.equal(pc.fill_null(prev_aux, pa.scalar(0, pa.int64())),
-                             pa.scalar(1, pa.int64())))
+                             pa.scalar(1, pa.int64()))))
     seqs = _flat(table["seq"])
     plan.mark_done(seqs.filter(done))
     if dup.true_count:
