@@ -18,6 +18,7 @@ from batcher.config import (
     DEFAULT_MAX_RATE_LIMIT_WAIT,
     DEFAULT_TIMEOUT,
     ENDPOINTS,
+    MODES,
 )
 from batcher.errors import BatcherError, ConfigError, ExitCode, fail
 
@@ -90,6 +91,9 @@ def request_options(func: F) -> F:
                           "not fit); the validated JSON goes to column 'parsed'."),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
                      help="Log lines on stderr [default: console]."),
+        click.option("--mode", type=click.Choice(MODES),
+                     help="live: one request per row now; batch: the provider's Batch API "
+                          "(OpenAI, Anthropic) at half the price, within 24 h [default: live]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -102,7 +106,7 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
     values["params"] = parse_params(values.pop("params", ())) or None
     values["headers"] = parse_headers(values.pop("headers", ())) or None
     for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw",
-                 "cache_nondeterministic", "flatten"):
+                 "cache_nondeterministic", "flatten", "no_wait"):
         if flag in values and not values[flag]:
             values[flag] = None
     return values
@@ -145,6 +149,15 @@ def cli() -> None:
 @click.option("--keep-raw", is_flag=True, help="Keep each raw response JSON in column 'raw'.")
 @click.option("--flatten", is_flag=True,
               help="With --response-format: one typed column per top-level schema property.")
+@click.option("--batch-max-requests", type=int, metavar="N",
+              help="Batch mode: most requests per provider batch [default: the provider's "
+                   "cap, 50,000 OpenAI, 100,000 Anthropic]; batches are also split at its size "
+                   "cap (200 MB OpenAI, 256 MB Anthropic).")
+@click.option("--poll-interval", type=float, metavar="SECONDS",
+              help="Batch mode: seconds between polls [default: 10, backing off to 60].")
+@click.option("--no-wait", is_flag=True,
+              help="Batch mode: submit, collect what has ended, exit 75 while anything is "
+                   "pending; the same command later collects the rest.")
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
@@ -157,7 +170,8 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
 
     Exit codes: 0 all ok; 1 finished with failed rows or bad input rows skipped; 2
     usage/config/input error; 3 aborted (auth, quota, budget, lock held, server down or
-    unreachable, disk full, out of open files; resumable); 130/143 interrupted."""
+    unreachable, disk full, out of open files; resumable); 75 batch mode --no-wait: submitted
+    and still pending (run the same command later); 130/143 interrupted."""
     from batcher.commands import execute_estimate, execute_run
 
     values = collect(kwargs)
@@ -189,6 +203,16 @@ def status(output: Path, as_json: bool) -> None:
     from batcher.commands import execute_status
 
     sys.exit(execute_status(output, as_json=as_json))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+def cancel(output: Path) -> None:
+    """Batch mode: cancel OUTPUT's provider batches still running. What they finished is
+    collected by the same `run` command (rerunning it also sends the rest again)."""
+    from batcher.commands import execute_cancel
+
+    sys.exit(execute_cancel(output))
 
 
 @cli.command()
@@ -245,7 +269,9 @@ def simulator_options(func: F) -> F:
 
     for option in reversed(SIM_OPTIONS):
         if option.type is bool:
+            # A --no-X flag turns its setting off; any other flag turns it on.
             func = click.option(option.flag, option.name, is_flag=True, default=None,
+                                flag_value=not option.flag.startswith("--no-"),
                                 help=option.help)(func)
         elif option.name == "script":
             func = click.option(option.flag, option.name, multiple=True, help=option.help)(func)

@@ -266,16 +266,58 @@ def execute_status(target: Path, *, as_json: bool) -> int:
     if not any(info.get("state_exists") or info.get("output_exists") for info in infos):
         names = ", ".join(str(o) for o in outputs)
         return fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
+    listings = [_batches_of(output) for output in outputs]
     if as_json:
-        print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
+        docs = [{**info, **(listing or {})} for info, listing in zip(infos, listings,
+                                                                     strict=True)]
+        print(orjson.dumps(docs[0] if len(docs) == 1 else docs).decode())
         return ExitCode.OK
-    for info in infos:
+    for info, listing in zip(infos, listings, strict=True):
         width = max(len(k) for k in info)
         for key, value in info.items():
             if value is None and key in UNKNOWN_TOTALS:
                 value = "unknown"  # some answered row's usage or cost is: never a silent 0
             print(f"{key:<{width}}  {value}")
+        if listing is not None:
+            print(_render_batches(listing))
         print()
+    return ExitCode.OK
+
+
+def _batches_of(output: Path) -> dict[str, Any] | None:
+    """A batch-mode output's provider batches, refreshed from the provider when it can be
+    asked (see :func:`batcher.engines.batch.control.batch_listing`)."""
+    from batcher.engines.batch.control import batch_listing
+
+    return run_async(batch_listing(output))
+
+
+def _render_batches(listing: dict[str, Any]) -> str:
+    lines = [f"batches  {len(listing['batches'])}"]
+    for b in listing["batches"]:
+        counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items()) or "-"
+        age = "-" if b["age_s"] is None else f"{b['age_s']:.0f}s"
+        lines.append(f"  part {b['part']:<4} {b['batch_id'] or '(not created)'}  "
+                     f"{b['state']:<11} requests {b['requests']:<6} {counts}  age {age}")
+    if listing.get("note"):
+        lines.append(f"  ({listing['note']})")
+    return "\n".join(lines)
+
+
+def execute_cancel(output: Path) -> int:
+    """``batcher cancel``: cancel a batch-mode output's running batches; exit 0, 2 when the
+    output has no batches, 3 when the provider cannot be asked."""
+    from batcher.engines.batch.control import cancel_batches
+
+    configure_logging("console")
+    try:
+        cancelled = run_async(cancel_batches(output))
+    except BatcherError as exc:
+        return fail(exc, exc.exit_code)
+    print(f"cancelled {len(cancelled)} batch{'' if len(cancelled) == 1 else 'es'}"
+          + (f": {', '.join(cancelled)}" if cancelled else " (none was running)")
+          + ". Rerun the same `batcher run` command to collect what they finished "
+            "(it also submits the rest again).")
     return ExitCode.OK
 
 

@@ -23,6 +23,9 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_BATCH_SIZE = 16
 ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
+MODES = ("live", "batch")
+BATCH_ENDPOINTS = ("chat", "completions", "embeddings", "anthropic")
+"""Endpoints ``--mode batch`` can send through a provider Batch API (Gemini's is not supported)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,14 @@ class RunConfig:
     flatten: bool = False
     """With ``response_format``: one typed output column per top-level schema property."""
     job: str | None = None
+    mode: str = "live"
+    """``live``: one request per row through the pool; ``batch``: the provider's Batch API."""
+    batch_max_requests: int | None = None
+    """Batch mode: most requests per provider batch (None: the provider's own cap)."""
+    poll_interval: float | None = None
+    """Batch mode: seconds between progress polls (None: 10 s backing off to 60 s)."""
+    no_wait: bool = False
+    """Batch mode: submit, collect what has ended, and exit 75 while anything is pending."""
 
     @functools.cached_property
     def response_schema(self) -> ResponseSchema | None:
@@ -144,6 +155,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "price_output": (0, 1e6),
     "grace": (0, 86_400),
     "server_down_after": (0.01, 86_400),
+    "batch_max_requests": (1, 100_000),
+    "poll_interval": (0.001, 86_400),
 }
 
 
@@ -191,6 +204,7 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
                                   f"{value:g}; leave it out for no cap")
             if not low <= value <= high:
                 raise ConfigError(f"{name}: {value:g} is out of range [{low:g}, {high:g}]")
+    _check_mode(given)
     if given.get("restart") and given.get("force_resume"):
         raise ConfigError("restart and force_resume contradict each other; give one")
     base = str(given["base_url"])
@@ -201,6 +215,22 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     config = RunConfig(**given)
     _check_response_format(config)
     return config
+
+
+def _check_mode(given: Mapping[str, Any]) -> None:
+    """``mode`` is live or batch; batch mode needs an endpoint with a Batch API we speak."""
+    mode = given.get("mode", "live")
+    if mode not in MODES:
+        raise ConfigError(f"mode (--mode): {mode!r} is not one of {', '.join(MODES)}")
+    endpoint = given.get("endpoint", "chat")
+    if mode == "batch" and endpoint not in BATCH_ENDPOINTS:
+        raise ConfigError(f"mode (--mode) batch is not supported for the {endpoint} endpoint "
+                          f"(batch mode speaks the OpenAI Batch API and Anthropic Message "
+                          f"Batches: {', '.join(BATCH_ENDPOINTS)}); use --mode live")
+    if mode != "batch":
+        for key in ("batch_max_requests", "poll_interval", "no_wait"):
+            if given.get(key):
+                raise ConfigError(f"{option_name(key)} needs --mode batch")
 
 
 def _check_response_format(config: RunConfig) -> None:

@@ -266,6 +266,9 @@ class _SampleJob:
             self.fatal.append(type(exc)(self._redact(exc.message), exc.status))
         self.stop.set()
 
+    def leave_pending(self, rows: int) -> None:
+        """Never called: a sample is sent live, nothing is left with a provider."""
+
     def first_send(self) -> None:
         pass
 

@@ -8,7 +8,11 @@ from batcher.engines.live import LiveEngine
 
 
 def get_engine(config: RunConfig) -> Engine:
-    """The engine for ``config``: today always the live one (``--mode live``)."""
+    """The engine for ``config``: ``--mode batch`` → the provider Batch APIs, else live."""
+    if config.mode == "batch":
+        from batcher.engines.batch import BatchEngine
+
+        return BatchEngine(config)
     return LiveEngine(config)
 
 

@@ -7,6 +7,25 @@ from typing import Any
 
 
 @dataclass(slots=True)
+class BatchCounters:
+    """The Batch API routes' counters: files uploaded, batches created (``creates_by_part``
+    keyed ``JOB:PART`` from the create's ``batcher_job``/``batcher_part`` metadata), lines
+    received, cancels and polls (``GET`` of one batch)."""
+
+    files: int = 0
+    creates: int = 0
+    creates_by_part: dict[str, int] = field(default_factory=dict)
+    lines: int = 0
+    cancels: int = 0
+    polls: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "creates": self.creates,
+                "creates_by_part": dict(self.creates_by_part), "lines": self.lines,
+                "cancels": self.cancels, "polls": self.polls}
+
+
+@dataclass(slots=True)
 class Stats:
     """Counters of one simulator app, mutated only by its event loop.
 
@@ -44,6 +63,7 @@ class Stats:
     resent_after_ok: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    batches: BatchCounters = field(default_factory=BatchCounters)
 
     def record_ok(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.ok += 1
@@ -77,4 +97,5 @@ class Stats:
             "resent_after_ok": self.resent_after_ok,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "batches": self.batches.as_dict(),
         }
