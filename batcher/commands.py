@@ -123,6 +123,9 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)
     _report(summary, table=log_format != "json")
+    if summary.outcome == "pending" and summary.resume_command:
+        # The one line a cron job's log needs, whole (the table may cut it to the terminal).
+        print(f"batcher: {summary.message}: {summary.resume_command}", file=sys.stderr)
     return summary.exit_code
 
 
@@ -246,7 +249,8 @@ def estimate_job(config: RunConfig) -> EstimateReport:
     report = estimate(rows() if config.cache is None else misses(), ctx, config.endpoint,
                       rpm=config.rpm, tpm=config.tpm,
                       concurrency=config.concurrency, price_input=config.price_input,
-                      price_output=config.price_output, prices_table=config.prices)
+                      price_output=config.price_output, prices_table=config.prices,
+                      batch=config.mode == "batch")
     report.bad_rows = bad
     report.cache_hits = hits
     return report

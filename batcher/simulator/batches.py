@@ -115,6 +115,7 @@ class BatchSim:
         file_id = self.ctx.new_id("file-")
         self.files[file_id] = data
         self.counters.files += 1
+        self.counters.largest_input = max(self.counters.largest_input, len(data))
         return _json({"id": file_id, "object": "file", "bytes": len(data),
                       "created_at": int(time.time()), "filename": upload.filename,
                       "purpose": "batch"})
@@ -167,7 +168,9 @@ class BatchSim:
     # --- Anthropic ------------------------------------------------------------------------
 
     async def create_anthropic(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
+        raw = await request.read()
+        self.counters.largest_input = max(self.counters.largest_input, len(raw))
+        body = orjson.loads(raw)
         requests = body.get("requests") if isinstance(body, dict) else None
         if not isinstance(requests, list) or not requests:
             raise Invalid("requests: expected a non-empty list.", "requests")

@@ -10,7 +10,7 @@ from typing import Any
 class BatchCounters:
     """The Batch API routes' counters: files uploaded, batches created (``creates_by_part``
     keyed ``JOB:PART`` from the create's ``batcher_job``/``batcher_part`` metadata), lines
-    received, cancels and polls (``GET`` of one batch)."""
+    received, cancels, polls (``GET`` of one batch) and the largest input in bytes."""
 
     files: int = 0
     creates: int = 0
@@ -18,11 +18,14 @@ class BatchCounters:
     lines: int = 0
     cancels: int = 0
     polls: int = 0
+    largest_input: int = 0
+    """Bytes of the largest batch input received (an uploaded file, an Anthropic create)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"files": self.files, "creates": self.creates,
                 "creates_by_part": dict(self.creates_by_part), "lines": self.lines,
-                "cancels": self.cancels, "polls": self.polls}
+                "cancels": self.cancels, "polls": self.polls,
+                "largest_input": self.largest_input}
 
 
 @dataclass(slots=True)

@@ -109,21 +109,27 @@ class BatchEngine:
                              api_key_env=config.api_key_env)
         ctx = self._ctx
         to_error = anthropic_error if self.wire.name == "anthropic" else openai_error
-        self._task = asyncio.current_task()
         try:
             async with Transport(concurrency=4, timeout=config.timeout) as transport:
                 client = BatchClient(transport, base_url=config.base_url,
                                      headers=_auth_headers(self.wire.name, ctx.api_key,
                                                            ctx.headers),
                                      to_error=to_error, stop=job.stop)
-                await self._run(rows, job, ledger, client)
+                # Its own task, so that a stop cancels the engine's work and nothing else.
+                self._task = task = asyncio.create_task(self._run(rows, job, ledger, client))
+                if job.stop.is_set():
+                    task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    if not task.cancelled():   # this coroutine itself is being cancelled
+                        raise
         except (JobFatal, Aborted) as exc:
             job.abort(exc)
         except Retryable as exc:    # a Batch API answer that is not what it should be
             job.abort(BatchApiDown(f"the Batch API answered unexpectedly: {exc}"))
-        except (StopWaiting, asyncio.CancelledError):
-            if not job.stop.is_set():
-                raise
+        except StopWaiting:
+            pass
         finally:
             self._release(job)
             ledger.close()
@@ -135,6 +141,8 @@ class BatchEngine:
         placed = ledger.placements()
         ends = 0
         while ends < job.consumers:
+            if job.stop.is_set():
+                return
             row = await rows.get()
             if row is None:
                 ends += 1
