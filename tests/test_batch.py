@@ -369,3 +369,64 @@ def test_ctrl_c_while_waiting_stops_polling_and_exits_130(
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
     assert _batches(sim)["creates"] == 1 and len(_by_id(out)) == 4
+
+
+def test_job_file_mode_batch(tmp_path: Path,
+                             batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    job = tmp_path / "nightly.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{job}}.parquet"\n'
+                   f'model = "gpt-4o-mini"\nbase_url = "{sim.base_url}"\nmode = "batch"\n'
+                   'poll_interval = 0.01\nbatch_max_requests = 2\nno_report = true\n')
+    result = run_cli("run", job, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert _batches(sim)["creates"] == 2
+    assert len(_by_id(tmp_path / "out" / "nightly.parquet")) == 4
+
+
+def _failing_batches_app() -> tuple[Any, dict[str, int]]:
+    """A server speaking the OpenAI Batch wire whose every batch fails validation."""
+    from aiohttp import web
+
+    counts = {"creates": 0}
+
+    async def upload(request: web.Request) -> web.Response:
+        await request.post()
+        return web.json_response({"id": "file-1", "object": "file", "purpose": "batch"})
+
+    async def create(request: web.Request) -> web.Response:
+        counts["creates"] += 1
+        return web.json_response({"id": f"batch_{counts['creates']}", "object": "batch",
+                                  "status": "validating", "created_at": int(time.time()),
+                                  "request_counts": {"total": 0, "completed": 0, "failed": 0}})
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response({
+            "id": request.match_info["id"], "object": "batch", "status": "failed",
+            "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
+            "errors": {"object": "list", "data": [{
+                "code": "model_not_found", "line": 1, "param": "body.model",
+                "message": "The model 'gpt-nope' does not exist."}]},
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}})
+
+    app = web.Application()
+    app.router.add_post("/v1/files", upload)
+    app.router.add_post("/v1/batches", create)
+    app.router.add_get("/v1/batches/{id}", get)
+    return app, counts
+
+
+def test_a_batch_that_fails_as_a_whole_is_reported_not_looped(tmp_path: Path) -> None:
+    sim = SimulatorThread(SimConfig())
+    sim.app, counts = _failing_batches_app()
+    with sim:
+        src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+        out = tmp_path / "out.parquet"
+        result = run_cli(*_args(sim, src, out, "--model", "gpt-nope"))
+        assert result.exit_code == 1, result.stderr
+        assert counts["creates"] == 1          # not submitted again
+    got = _by_id(out)
+    for row in got.values():
+        assert row["status"] == "error" and row["batch_id"] == "batch_1"
+        assert "failed: model_not_found: The model 'gpt-nope' does not exist." in row["error"]
