@@ -2,8 +2,12 @@
 
 What survives kill -9 at any instant, and why nothing is submitted twice:
 
-- ``part-NNNNNN.ids``: the part's ``[custom_id, row_id, attempt]`` lines, written and fsynced
-  *before* the part is announced in the ledger (a part never names ids that are not on disk).
+- ``part-NNNNNN.ids``: the part's ``[custom_id, row_id, attempt]`` lines (read on resume to
+  find where each row was sent), and ``part-NNNNNN.rows``: each row's :class:`Slot` (what its
+  result row needs: id, model, the input's columns, the reservation, and the request line as
+  sent, for sending it again). Both are streamed to ``.tmp`` files while the part is built,
+  then fsynced and renamed *before* the part is announced in the ledger (a part never names
+  rows that are not on disk). Memory holds none of it: a part is read back when it ends.
 - ``ledger.jsonl``: append-only events, each one ``os.write`` on an ``O_APPEND`` descriptor
   followed by ``fsync``: ``job`` (the output's random key, the wire, base URL and key
   variable), ``part`` (about to be submitted), ``created`` (the provider's batch id, written
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,19 +146,24 @@ class Ledger:
     def next_part(self) -> int:
         return max(self.parts, default=0) + 1
 
-    def record_part(self, part: int, endpoint: str,
-                    ids: Iterable[tuple[str, str, int]]) -> PartRecord:
-        """Announce a part about to be submitted; its ids are durable before it is."""
-        path = self._ids_path(part)
-        tmp = path.with_name(path.name + ".tmp")
-        count = 0
-        with tmp.open("wb") as handle:
-            for entry in ids:
-                handle.write(orjson.dumps(list(entry)) + b"\n")
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    def part_writer(self, part: int) -> PartWriter:
+        """Where a part's slots go while it is built (see :meth:`record_part`)."""
+        return PartWriter(self._ids_path(part), self._rows_path(part))
+
+    def slots(self, part: int) -> Iterator[Slot]:
+        """The part's slots, in the order they were sent (read from disk, one at a time)."""
+        path = self._rows_path(part)
+        if not path.is_file():
+            return
+        with path.open("rb") as handle:
+            for raw in handle:
+                slot = Slot.parse(raw)
+                if slot is not None:
+                    yield slot
+
+    def record_part(self, part: int, endpoint: str, writer: PartWriter) -> PartRecord:
+        """Announce a part about to be submitted; its slots are durable before it is."""
+        count = writer.commit()
         record = PartRecord(part, endpoint, count, submitted_at=now_iso())
         self.parts[part] = record
         self._append({"event": "part", "part": part, "endpoint": endpoint, "requests": count,
@@ -188,6 +197,9 @@ class Ledger:
     def _ids_path(self, part: int) -> Path:
         return self.folder / f"part-{part:06d}.ids"
 
+    def _rows_path(self, part: int) -> Path:
+        return self.folder / f"part-{part:06d}.rows"
+
     def _append(self, event: dict[str, JSON]) -> None:
         if self._fd is None:
             self._fd = os.open(self.folder / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
@@ -197,6 +209,70 @@ class Ledger:
         if written != len(data):   # a full disk: the OSError path of the runner reports it
             raise OSError(28, "short write to the batch ledger")
         os.fsync(self._fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One row in a part, as ``part-N.rows`` keeps it: enough to build its result row
+    (``model`` is the model asked for, ``row_model`` the row's own override, ``columns`` the
+    input's columns) and to send it again (``line``, the request line as sent)."""
+
+    custom_id: str
+    row_id: str
+    attempt: int
+    reserved: float
+    model: str | None
+    row_model: str | None
+    source: str
+    line_no: int
+    columns: dict[str, JSON]
+    line: bytes
+
+    def encode(self) -> bytes:
+        return orjson.dumps([self.custom_id, self.row_id, self.attempt, self.reserved,
+                             self.model, self.row_model, self.source, self.line_no,
+                             self.columns, self.line.decode()]) + b"\n"
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Slot | None:
+        try:
+            (custom_id, row_id, attempt, reserved, model, row_model, source, line_no,
+             columns, line) = orjson.loads(raw)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return None
+        return cls(str(custom_id), str(row_id), int(attempt), float(reserved), model,
+                   row_model, str(source), int(line_no), dict(columns), str(line).encode())
+
+
+class PartWriter:
+    """Streams a part's ids and slots to ``.tmp`` files; :meth:`commit` makes them durable
+    under their real names (fsync, rename) and returns how many rows the part has."""
+
+    def __init__(self, ids: Path, rows: Path) -> None:
+        self._paths = (ids, rows)
+        self._tmp = tuple(p.with_name(p.name + ".tmp") for p in self._paths)
+        self._ids = self._tmp[0].open("wb")
+        self._rows = self._tmp[1].open("wb")
+        self.count = 0
+
+    def add(self, slot: Slot) -> None:
+        self._ids.write(orjson.dumps([slot.custom_id, slot.row_id, slot.attempt]) + b"\n")
+        self._rows.write(slot.encode())
+        self.count += 1
+
+    def commit(self) -> int:
+        for handle, tmp, path in zip((self._ids, self._rows), self._tmp, self._paths,
+                                     strict=True):
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+            os.replace(tmp, path)
+        return self.count
+
+    def discard(self) -> None:
+        for handle, tmp in zip((self._ids, self._rows), self._tmp, strict=True):
+            handle.close()
+            tmp.unlink(missing_ok=True)
 
 
 def _events(path: Path) -> Iterator[dict[str, JSON]]:
