@@ -104,5 +104,6 @@ def _path(url: str, base_url: str) -> str:
 
 
 def _is_batch_route(url: str, base_url: str) -> bool:
-    path = _path(url, base_url)
-    return path.startswith(("/files", "/batches", "/messages/batches"))
+    """The routes a server with a Batch API always has (not one batch's, which may be gone)."""
+    path = _path(url, base_url).split("?", 1)[0].rstrip("/")
+    return path in ("/files", "/batches", "/messages/batches")

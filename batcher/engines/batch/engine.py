@@ -143,6 +143,9 @@ class BatchEngine:
             job.abort(exc)
         except Retryable as exc:    # a Batch API answer that is not what it should be
             job.abort(BatchApiDown(f"the Batch API answered unexpectedly: {exc}"))
+        except ProviderError as exc:  # a 4xx on a create, a poll or a download
+            job.abort(Aborted(f"the Batch API refused a call ({exc}); the batches already "
+                              "submitted are kept: rerun the same command to resume"))
         except StopWaiting:
             pass
         finally:
@@ -242,9 +245,10 @@ class BatchEngine:
         part.reserved += slot.reserved
 
     async def _flush(self, job: Job, ledger: Ledger, client: BatchClient) -> None:
-        building, self._building = self._building, {}
-        for part in building.values():
-            await self._submit(part, job, ledger, client)
+        for endpoint in list(self._building):
+            if job.stop.is_set():
+                return
+            await self._submit(self._building.pop(endpoint), job, ledger, client)
 
     async def _submit(self, part: _Part, job: Job, ledger: Ledger, client: BatchClient) -> None:
         """Record the part, then create its batch and record the id at once."""
@@ -294,6 +298,8 @@ class BatchEngine:
         interval = fixed if fixed is not None else FIRST_POLL
         while True:
             for number, part in list(self._open.items()):
+                if job.stop.is_set():
+                    return
                 assert part.batch_id is not None
                 batch = await self.wire.get(client, part.batch_id)
                 ledger.record_state(number, batch.state, dict(batch.counts))
