@@ -60,6 +60,8 @@ class Counters(Protocol):
     in_flight: int
     retries: int
     rate_limited: int
+    stage: str
+    """A few words on what the engine is doing (shown beside the progress bar)."""
 
 
 class Job(Protocol):

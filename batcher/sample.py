@@ -215,6 +215,7 @@ class _Counters:
     in_flight = 0
     retries = 0
     rate_limited = 0
+    stage = ""
 
 
 class _SampleJob:

@@ -297,12 +297,14 @@ class BatchEngine:
         fixed = self.config.poll_interval
         interval = fixed if fixed is not None else FIRST_POLL
         while True:
+            states: dict[str, int] = {}
             for number, part in list(self._open.items()):
                 if job.stop.is_set():
                     return
                 assert part.batch_id is not None
                 batch = await self.wire.get(client, part.batch_id)
                 ledger.record_state(number, batch.state, dict(batch.counts))
+                states[batch.state] = states.get(batch.state, 0) + 1
                 if batch.ended:
                     if not await self._collect(part, batch, job, ledger):
                         return
@@ -311,6 +313,8 @@ class BatchEngine:
             for endpoint, slot in retries:
                 await self._place(endpoint, slot, job, ledger, client)
             await self._flush(job, ledger, client)     # the lines sent again
+            job.progress.stage = "batches: " + ", ".join(
+                f"{n} {state}" for state, n in sorted(states.items()))
             left = sum(p.rows for p in self._open.values())
             if not left:
                 return
