@@ -430,3 +430,16 @@ def test_a_batch_that_fails_as_a_whole_is_reported_not_looped(tmp_path: Path) ->
     for row in got.values():
         assert row["status"] == "error" and row["batch_id"] == "batch_1"
         assert "failed: model_not_found: The model 'gpt-nope' does not exist." in row["error"]
+
+
+def test_status_says_when_the_provider_cannot_be_asked(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out.parquet"
+    with SimulatorThread(SimConfig(batch_seconds=3600)) as sim:
+        assert run_cli(*_args(sim, src, out, "--no-wait")).exit_code == 75
+    shown = run_cli("status", out)                    # the server is gone now
+    assert shown.exit_code == 0, shown.stderr
+    assert "batches  1" in shown.stdout and "in_progress" in shown.stdout
+    assert "states as last seen: the provider could not be asked" in shown.stdout
+    cancelled = run_cli("cancel", out)
+    assert cancelled.exit_code == 3 and "Traceback" not in cancelled.stderr

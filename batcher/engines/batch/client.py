@@ -41,13 +41,14 @@ class BatchClient:
 
     def __init__(self, transport: Transport, *, base_url: str, headers: Mapping[str, str],
                  to_error: Callable[[HttpResponse], ProviderError], stop: asyncio.Event,
-                 first_wait: float = 1.0) -> None:
+                 first_wait: float = 1.0, attempts: int = CALL_ATTEMPTS) -> None:
         self._transport = transport
         self.base_url = base_url
         self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
         self._to_error = to_error
         self._stop = stop
         self._first_wait = first_wait
+        self._attempts = attempts
 
     def url(self, path: str) -> str:
         return join_url(self.base_url, path)
@@ -65,14 +66,14 @@ class BatchClient:
 
     async def send(self, method: str, url: str, body: bytes = b"",
                    content_type: str | None = None) -> HttpResponse:
-        """One call, tried up to :data:`CALL_ATTEMPTS` times on retryable errors."""
+        """One call, tried up to ``attempts`` times on retryable errors."""
         headers = dict(self._headers)
         if content_type is not None:
             headers["Content-Type"] = content_type
         request = HttpRequest(method, url, headers, body)
         wait = self._first_wait
         last: Retryable | None = None
-        for _ in range(CALL_ATTEMPTS):
+        for attempt in range(1, self._attempts + 1):
             try:
                 response = await self._transport.send(request)
                 if 200 <= response.status < 300:
@@ -86,6 +87,8 @@ class BatchClient:
                 raise error
             except Retryable as exc:
                 last = exc
+            if attempt == self._attempts:
+                break
             await self._pause(max(wait, last.retry_after or 0.0))
             wait = min(wait * 2, 30.0)
         assert last is not None

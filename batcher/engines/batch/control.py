@@ -30,13 +30,13 @@ def _wire(ledger: Ledger) -> BatchWire:
     return AnthropicBatches() if ledger.job.get("wire") == "anthropic" else OpenAIBatches()
 
 
-def _client(ledger: Ledger, transport: Transport) -> BatchClient:
+def _client(ledger: Ledger, transport: Transport, *, attempts: int) -> BatchClient:
     env = str(ledger.job.get("api_key_env") or "OPENAI_API_KEY")
     wire = str(ledger.job.get("wire"))
     return BatchClient(transport, base_url=str(ledger.job.get("base_url")),
                        headers=_auth_headers(wire, os.environ.get(env, ""), {}),
                        to_error=anthropic_error if wire == "anthropic" else openai_error,
-                       stop=asyncio.Event(), first_wait=0.2)
+                       stop=asyncio.Event(), first_wait=0.5, attempts=attempts)
 
 
 def _row(record: PartRecord) -> dict[str, JSON]:
@@ -51,17 +51,18 @@ def _row(record: PartRecord) -> dict[str, JSON]:
 
 
 async def _refresh(ledger: Ledger) -> str | None:
-    """Poll every batch not known to have ended; the ledger learns the states. Returns a
-    note when the provider could not be asked (the listing is then the last known)."""
+    """Poll every batch not known to have ended (the listing shows the answers; the ledger
+    on disk is not changed). Returns a note when the provider could not be asked (the
+    listing is then the last known)."""
     wire = _wire(ledger)
     try:
         async with Transport(concurrency=4, timeout=REFRESH_TIMEOUT) as transport:
-            client = _client(ledger, transport)
+            client = _client(ledger, transport, attempts=1)   # a status answers at once
             for record in ledger.parts.values():
                 if record.batch_id is None or record.state in ENDED_STATES:
                     continue
                 batch = await wire.get(client, record.batch_id)
-                ledger.record_state(record.part, batch.state, dict(batch.counts))
+                record.state, record.counts = batch.state, dict(batch.counts)
     except BatcherError as exc:
         return f"states as last seen: the provider could not be asked ({exc})"
     finally:
@@ -87,7 +88,7 @@ async def _cancel(ledger: Ledger) -> list[str]:
     cancelled: list[str] = []
     try:
         async with Transport(concurrency=4, timeout=REFRESH_TIMEOUT) as transport:
-            client = _client(ledger, transport)
+            client = _client(ledger, transport, attempts=3)
             for record in ledger.parts.values():
                 if record.batch_id is None or record.state in ENDED_STATES:
                     continue
