@@ -443,3 +443,23 @@ def test_status_says_when_the_provider_cannot_be_asked(tmp_path: Path) -> None:
     assert "states as last seen: the provider could not be asked" in shown.stdout
     cancelled = run_cli("cancel", out)
     assert cancelled.exit_code == 3 and "Traceback" not in cancelled.stderr
+
+
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+def test_a_batch_line_never_asks_for_a_stream(wire: str) -> None:
+    import orjson
+
+    from batcher.engines.batch.anthropic import AnthropicBatches
+    from batcher.types import HttpRequest
+
+    body = orjson.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                         "messages": [{"role": "user", "content": "hi"}]})
+    request = HttpRequest("POST", "http://x/v1/chat/completions", {}, body)
+    batches = OpenAIBatches() if wire == "openai" else AnthropicBatches()
+    line = orjson.loads(batches.line("c-1", "/v1/chat/completions", request))
+    sent = line["body"] if wire == "openai" else line["params"]
+    assert line["custom_id"] == "c-1" and "stream" not in sent
+    assert sent["messages"] == [{"role": "user", "content": "hi"}]
+    if wire == "openai":
+        assert line["method"] == "POST" and line["url"] == "/v1/chat/completions"
+        assert "stream_options" not in sent

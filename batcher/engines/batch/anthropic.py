@@ -36,10 +36,13 @@ class AnthropicBatches:
         return CUSTOM_ID.fullmatch(custom_id) is not None
 
     def line(self, custom_id: str, endpoint: str, request: HttpRequest) -> bytes:
-        params = orjson.loads(request.body)
-        if isinstance(params, dict):
-            params.pop("stream", None)
-        return orjson.dumps({"custom_id": custom_id, "params": params})
+        params = request.body
+        if b'"stream' in params:
+            data = orjson.loads(params)
+            if isinstance(data, dict):
+                data.pop("stream", None)
+            params = orjson.dumps(data)
+        return b'{"custom_id":' + orjson.dumps(custom_id) + b',"params":' + params + b"}"
 
     async def submit(self, client: BatchClient, endpoint: str, lines: list[bytes],
                      metadata: Mapping[str, str]) -> RemoteBatch:
