@@ -463,3 +463,13 @@ def test_a_batch_line_never_asks_for_a_stream(wire: str) -> None:
     if wire == "openai":
         assert line["method"] == "POST" and line["url"] == "/v1/chat/completions"
         assert "stream_options" not in sent
+
+
+def test_poll_intervals_back_off_from_10_to_60_seconds_unless_given() -> None:
+    import itertools
+
+    from batcher.engines.batch.engine import poll_intervals
+
+    assert list(itertools.islice(poll_intervals(None), 7)) == [
+        10.0, 15.0, 22.5, 33.75, 50.625, 60.0, 60.0]
+    assert list(itertools.islice(poll_intervals(2.5), 3)) == [2.5, 2.5, 2.5]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -63,6 +63,17 @@ BATCH_ID_COLUMN = "batch_id"
 """The output column naming the provider batch a row's result came from."""
 YIELD_EVERY = 1000
 """Rows finished between two turns given to the writer while a part is collected."""
+
+
+def poll_intervals(fixed: float | None) -> Iterator[float]:
+    """Seconds between polls: ``fixed`` (``--poll-interval``) every time, else FIRST_POLL
+    growing 1.5× per poll up to LAST_POLL (batches take minutes to hours: polling fast at
+    first catches small ones, and slowing down spares the provider's rate limit)."""
+    interval = fixed if fixed is not None else FIRST_POLL
+    while True:
+        yield interval
+        if fixed is None:
+            interval = min(interval * 1.5, LAST_POLL)
 
 
 def wire_for(config: RunConfig) -> BatchWire:
@@ -294,8 +305,7 @@ class BatchEngine:
     # --- polling and collecting -------------------------------------------------------------
 
     async def _poll(self, job: Job, ledger: Ledger, client: BatchClient) -> None:
-        fixed = self.config.poll_interval
-        interval = fixed if fixed is not None else FIRST_POLL
+        intervals = poll_intervals(self.config.poll_interval)
         while True:
             states: dict[str, int] = {}
             for number, part in list(self._open.items()):
@@ -323,11 +333,9 @@ class BatchEngine:
                 self._log.info("batches_pending", batches=len(self._open), rows=left)
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.stop.wait(), interval)
+                await asyncio.wait_for(job.stop.wait(), next(intervals))
             if job.stop.is_set():
                 return
-            if fixed is None:
-                interval = min(interval * 1.5, LAST_POLL)
 
     async def _collect(self, part: _Part, batch: RemoteBatch, job: Job, ledger: Ledger
                        ) -> bool:
