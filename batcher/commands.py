@@ -58,7 +58,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         quiet = bool(run_values.pop("no_progress", False))
         wants_report = report and not run_values.pop("no_report", False)
         code = _execute_one(run_values, show_progress=show_progress and not quiet, argv=argv)
-        worst = max(worst, code)
+        worst = max(worst, code, key=_severity)
         # Not after a usage error: whatever output is there is not this run's.
         if wants_report and code != 2 and _auto_report([Path(run_values["output"])], None,
                                                        run_values):
@@ -71,6 +71,12 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         _auto_report(reported, job_comparison_path(str(runs[0].values["job"]), reported),
                      runs[0].values)
     return worst
+
+
+def _severity(code: int) -> tuple[int, int]:
+    """Orders exit codes for a matrix: pending (75: run again later) is worse than finished
+    with failed rows, and better than any error; the others in their numeric order."""
+    return (1, 1) if code == ExitCode.PENDING else (int(code > ExitCode.FAILED_ROWS) * 2, code)
 
 
 def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any]) -> bool:

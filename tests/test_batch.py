@@ -473,3 +473,20 @@ def test_poll_intervals_back_off_from_10_to_60_seconds_unless_given() -> None:
     assert list(itertools.islice(poll_intervals(None), 7)) == [
         10.0, 15.0, 22.5, 33.75, 50.625, 60.0, 60.0]
     assert list(itertools.islice(poll_intervals(2.5), 3)) == [2.5, 2.5, 2.5]
+
+
+def test_a_matrix_with_a_pending_run_exits_75(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=10)
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    job = tmp_path / "matrix.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{model}}.parquet"\n'
+                   f'models = ["gpt-4o-mini", "gpt-4o"]\nbase_url = "{sim.base_url}"\n'
+                   'mode = "batch"\nno_wait = true\npoll_interval = 0.01\nno_report = true\n')
+    first = run_cli("run", job, "--no-progress")
+    assert first.exit_code == 75, first.stderr
+    assert _batches(sim)["creates"] == 2
+    clock.now = 11.0
+    done = run_cli("run", job, "--no-progress")
+    assert done.exit_code == 0, done.stderr
+    assert _batches(sim)["creates"] == 2
