@@ -185,7 +185,7 @@ class BatchEngine:
                 continue
             where = placed.pop(row.id, None)
             if where is not None and self._waits_on(where, ledger):
-                self._attach(where, prepared.reserved, ledger)
+                self._attach(where, where.custom_id or row.id, prepared.reserved, ledger)
                 continue
             slot = self._slot(prepared, (where.attempt + 1) if where else 1, job)
             if slot is not None:
@@ -205,7 +205,7 @@ class BatchEngine:
             return False
         return not (self.config.retry_failed and record.state in ENDED_STATES)
 
-    def _attach(self, where: Placed, reserved: float, ledger: Ledger) -> None:
+    def _attach(self, where: Placed, custom_id: str, reserved: float, ledger: Ledger) -> None:
         """A row placed in a part by an earlier run: it waits for that part's result."""
         part = self._open.get(where.part)
         if part is None:
@@ -213,7 +213,7 @@ class BatchEngine:
             part = self._open[where.part] = _Part(record.endpoint, where.part, record.batch_id,
                                                   pending={})
         assert part.pending is not None
-        part.pending[where.custom_id] = reserved
+        part.pending[custom_id] = reserved
         part.rows += 1
 
     def _slot(self, prepared: Prepared, attempt: int, job: Job) -> Slot | None:

@@ -58,10 +58,11 @@ class PartRecord:
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Where a row was last sent: its part, its custom_id there, and its attempt number."""
+    """Where a row was last sent: its part, its custom_id there (None: the row's own id,
+    not kept twice: a resume of a million rows holds one of these per row), its attempt."""
 
     part: int
-    custom_id: str
+    custom_id: str | None
     attempt: int
 
 
@@ -140,7 +141,9 @@ class Ledger:
                         custom_id, row_id, attempt = orjson.loads(line)
                     except (orjson.JSONDecodeError, ValueError, TypeError):
                         continue
-                    placed[str(row_id)] = Placed(number, str(custom_id), int(attempt))
+                    key = str(row_id)
+                    placed[key] = Placed(number, None if custom_id == key else str(custom_id),
+                                         int(attempt))
         return placed
 
     def next_part(self) -> int:
