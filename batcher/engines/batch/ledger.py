@@ -218,7 +218,9 @@ class Ledger:
 class Slot:
     """One row in a part, as ``part-N.rows`` keeps it: enough to build its result row
     (``model`` is the model asked for, ``row_model`` the row's own override, ``columns`` the
-    input's columns) and to send it again (``line``, the request line as sent)."""
+    input's columns) and to send it again (``line``, the request line as sent). Columns go
+    through JSON: a value JSON has no type for (a timestamp, bytes, a decimal) comes back as
+    its text."""
 
     custom_id: str
     row_id: str
@@ -234,7 +236,7 @@ class Slot:
     def encode(self) -> bytes:
         return orjson.dumps([self.custom_id, self.row_id, self.attempt, self.reserved,
                              self.model, self.row_model, self.source, self.line_no,
-                             self.columns, self.line.decode()]) + b"\n"
+                             self.columns, self.line.decode()], default=str) + b"\n"
 
     @classmethod
     def parse(cls, raw: bytes) -> Slot | None:
