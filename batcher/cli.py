@@ -287,7 +287,8 @@ def simulator_options(func: F) -> F:
 @simulator_options
 def simulate(host: str, port: int, **kwargs: Any) -> None:
     """A local OpenAI-compatible server (chat, completions, embeddings, Anthropic messages,
-    Gemini generateContent) with latency, limits and faults, to rehearse a job for free.
+    Gemini generateContent, and the OpenAI and Anthropic Batch APIs) with latency, limits
+    and faults, to rehearse a job for free.
     Base URL: http://HOST:PORT/v1 (Gemini: http://HOST:PORT/v1beta). GET /_stats counts
     what it received."""
     from batcher.simulate import serve, sim_config_from
