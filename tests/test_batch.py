@@ -426,9 +426,13 @@ def test_a_batch_that_fails_as_a_whole_is_reported_not_looped(tmp_path: Path) ->
         result = run_cli(*_args(sim, src, out, "--model", "gpt-nope"))
         assert result.exit_code == 1, result.stderr
         assert counts["creates"] == 1          # not submitted again
+        again = run_cli(*_args(sim, src, out, "--model", "gpt-nope"))
+        assert again.exit_code == 1 and counts["creates"] == 1     # done rows stay done
+        retry = run_cli(*_args(sim, src, out, "--model", "gpt-nope", "--retry-failed"))
+        assert retry.exit_code == 1 and counts["creates"] == 2     # sent again when asked
     got = _by_id(out)
     for row in got.values():
-        assert row["status"] == "error" and row["batch_id"] == "batch_1"
+        assert row["status"] == "error" and row["batch_id"] == "batch_2"
         assert "failed: model_not_found: The model 'gpt-nope' does not exist." in row["error"]
 
 
