@@ -324,10 +324,15 @@ def execute_cancel(output: Path) -> int:
         cancelled = run_async(cancel_batches(output))
     except BatcherError as exc:
         return fail(exc, exc.exit_code)
+    from batcher.report import read_summary
+
+    # The last run that did not finish saved the command that resumes it: the one to use.
+    resume = (read_summary(output) or {}).get("resume_command")
+    how = f": {resume}" if isinstance(resume, str) and resume else ""
     print(f"cancelled {len(cancelled)} batch{'' if len(cancelled) == 1 else 'es'}"
           + (f": {', '.join(cancelled)}" if cancelled else " (none was running)")
           + ". Rerun the same `batcher run` command to collect what they finished "
-            "(it also submits the rest again).")
+            f"(it also submits the rest again){how}")
     return ExitCode.OK
 
 

@@ -250,6 +250,7 @@ def test_cancel_keeps_what_finished_and_the_rerun_sends_the_rest(
     cancelled = run_cli("cancel", out)
     assert cancelled.exit_code == 0, cancelled.stderr
     assert "cancelled 1 batch" in cancelled.stdout
+    assert f"batcher run {src} -o {out}" in cancelled.stdout       # the command to collect
     assert _batches(sim)["cancels"] == 1
     result = run_cli(*args)        # collects the 5 finished; the other 5 go in a new batch
     assert result.exit_code == 75, result.stderr
