@@ -16,7 +16,7 @@ from datetime import datetime
 import orjson
 
 from batcher.engines.batch.client import BatchClient
-from batcher.engines.batch.wire import RemoteBatch, ResultLine
+from batcher.engines.batch.wire import RemoteBatch, ResultLine, json_bytes
 from batcher.errors import ServerError
 from batcher.providers.anthropic import anthropic_error
 from batcher.providers.base import status_for_error
@@ -84,14 +84,14 @@ def _result_line(raw: bytes) -> ResultLine | None:
     kind = result.get("type") if isinstance(result, dict) else None
     if kind == "succeeded" and isinstance(result, dict):
         return ResultLine(data["custom_id"], HttpResponse(200, {},
-                                                          orjson.dumps(result.get("message"))))
+                                                          json_bytes(result.get("message"))))
     if kind == "errored" and isinstance(result, dict):
         # {"type": "error", "error": {"type": "overloaded_error", "message": …}}: answered
         # as the HTTP error it stands for, so the provider's one error path classes it.
         outer = result.get("error")
         inner = outer.get("error") if isinstance(outer, dict) else None
         err = inner if isinstance(inner, dict) else outer if isinstance(outer, dict) else {}
-        body = orjson.dumps({"type": "error", "error": err})
+        body = json_bytes({"type": "error", "error": err})
         return ResultLine(data["custom_id"], HttpResponse(status_for_error(err), {}, body))
     return ResultLine(data["custom_id"], None,
                       ServerError(f"not answered by the batch ({kind or 'no result'})"))

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import orjson
 
 from batcher.engines.batch.client import BatchClient
-from batcher.engines.batch.wire import RemoteBatch, ResultLine
+from batcher.engines.batch.wire import RemoteBatch, ResultLine, json_bytes
 from batcher.errors import ServerError
 from batcher.providers.base import error_from_object, openai_error
 from batcher.types import JSON, HttpRequest, HttpResponse
@@ -114,7 +114,7 @@ def _result_line(raw: bytes) -> ResultLine | None:
     response = data.get("response")
     if isinstance(response, dict) and isinstance(response.get("status_code"), int):
         body = response.get("body")
-        raw_body = body.encode() if isinstance(body, str) else orjson.dumps(body)
+        raw_body = body.encode() if isinstance(body, str) else json_bytes(body)
         return ResultLine(custom_id, HttpResponse(response["status_code"], {}, raw_body))
     error = data.get("error")
     code = error.get("code") if isinstance(error, dict) else None
