@@ -158,6 +158,15 @@ def cli() -> None:
 @click.option("--no-wait", is_flag=True,
               help="Batch mode: submit, collect what has ended, exit 75 while anything is "
                    "pending; the same command later collects the rest.")
+@click.option("--engine", type=click.Choice(["live", "local", "ray"]),
+              help="Where requests are sent from: this process (live, also 'local') or the "
+                   "actors of a Ray cluster (ray; pip install 'batcher[ray]') [default: live].")
+@click.option("--ray-address", metavar="ADDRESS",
+              help="--engine ray: the cluster to join (auto, host:port, ray://...) "
+                   "[default: start Ray on this machine].")
+@click.option("--ray-actors", type=int, metavar="N",
+              help="--engine ray: sending actors, each at --concurrency [default: one per "
+                   "cluster CPU].")
 @click.option("--no-progress", is_flag=True, help="Log lines only, no progress bar.")
 @click.option("--dry-run", is_flag=True, help="Estimate only (same as `batcher estimate`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
@@ -265,7 +274,7 @@ def cache_clear(folder: Path, older_than: str | None) -> None:
 
 def simulator_options(func: F) -> F:
     """The simulator's options, generated from its own table so flags and docs never drift."""
-    from batcher.simulate import SIM_OPTIONS
+    from batcher.simulator.config import SIM_OPTIONS  # not the server: --help stays quick
 
     for option in reversed(SIM_OPTIONS):
         if option.type is bool:

@@ -26,6 +26,9 @@ ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
 MODES = ("live", "batch")
 BATCH_ENDPOINTS = ("chat", "completions", "embeddings", "anthropic")
 """Endpoints ``--mode batch`` can send through a provider Batch API (Gemini's is not supported)."""
+ENGINES = ("live", "ray")
+ENGINE_ALIASES = {"local": "live"}
+"""PRODUCT.md names the one-machine engine ``local``; the code and the seam call it ``live``."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,13 @@ class RunConfig:
     """``--response-format``: a JSON Schema file every answer must fit (structured output)."""
     flatten: bool = False
     """With ``response_format``: one typed output column per top-level schema property."""
+    engine: str = "live"
+    """How rows are sent: ``live`` (this process's async pool) or ``ray`` (a Ray cluster)."""
+    ray_address: str | None = None
+    """``--engine ray``: the cluster to join (``auto``, ``ray://…``, ``host:port``); None
+    starts a local Ray on this machine."""
+    ray_actors: int | None = None
+    """``--engine ray``: sending actors, each at ``concurrency``; None: one per cluster CPU."""
     job: str | None = None
     mode: str = "live"
     """``live``: one request per row through the pool; ``batch``: the provider's Batch API."""
@@ -157,6 +167,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "server_down_after": (0.01, 86_400),
     "batch_max_requests": (1, 100_000),
     "poll_interval": (0.001, 86_400),
+    "ray_actors": (1, 10_000),
 }
 
 
@@ -193,6 +204,13 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     if given.get("endpoint", "chat") not in ENDPOINTS:
         raise ConfigError(
             f"endpoint: {given['endpoint']!r} is not one of {', '.join(ENDPOINTS)}")
+    engine = ENGINE_ALIASES.get(given.get("engine", "live"), given.get("engine", "live"))
+    if engine not in ENGINES:
+        raise ConfigError(f"engine (--engine): {engine!r} is not one of {', '.join(ENGINES)}")
+    given["engine"] = engine
+    for key in ("ray_address", "ray_actors"):
+        if key in given and engine != "ray":
+            raise ConfigError(f"{option_name(key)} needs engine ray (--engine ray)")
     for key, (low, high) in _BOUNDS.items():
         if key in given:
             value = given[key]
@@ -227,6 +245,9 @@ def _check_mode(given: Mapping[str, Any]) -> None:
         raise ConfigError(f"mode (--mode) batch is not supported for the {endpoint} endpoint "
                           f"(batch mode speaks the OpenAI Batch API and Anthropic Message "
                           f"Batches: {', '.join(BATCH_ENDPOINTS)}); use --mode live")
+    if mode == "batch" and given.get("engine", "live") not in ("live", "local"):
+        raise ConfigError("mode (--mode) batch sends through the provider's Batch API from "
+                          "this machine; --engine ray is for live mode: give one of them")
     if mode != "batch":
         for key in ("batch_max_requests", "poll_interval", "no_wait"):
             if given.get(key):

@@ -208,9 +208,9 @@ def _refuse_secrets(where: str, doc: Mapping[str, Any]) -> None:
                 f'variable and name it with api_key_env = "..."')
 
 
-def _walk(value: Any, dotted: str) -> list[tuple[str, str, str | None, Any]]:
+def _walk(value: object, dotted: str) -> list[tuple[str, str, str | None, object]]:
     """Every (parent, dotted key, own key, value) in a TOML document, arrays included."""
-    found: list[tuple[str, str, str | None, Any]] = []
+    found: list[tuple[str, str, str | None, object]] = []
     if isinstance(value, dict):
         for key, item in value.items():
             path = f"{dotted}.{key}" if dotted else str(key)
@@ -331,14 +331,14 @@ def _expect(where: str, key: str, value: Any, kind: Kind) -> Any:
     return value
 
 
-def _describe(value: Any) -> str:
+def _describe(value: object) -> str:
     kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "an array", dict: "a table"}.get(type(value), "a date/time")
     shown = repr(value)
     return f"{kind} {shown}" if len(shown) <= 40 and not isinstance(value, dict | list) else kind
 
 
-def _check_json(where: str, key: str, value: Any) -> None:
+def _check_json(where: str, key: str, value: object) -> None:
     """Request parameters are sent as JSON: TOML dates and times have no JSON form."""
     if isinstance(value, dict):
         for name, item in value.items():
@@ -351,7 +351,7 @@ def _check_json(where: str, key: str, value: Any) -> None:
                           f"quote it as a string")
 
 
-def _check_models(where: str, value: Any) -> list[str]:
+def _check_models(where: str, value: object) -> list[str]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: 'models' must be a non-empty array of model names, got "
                           f"{_describe(value)}")

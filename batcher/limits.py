@@ -7,13 +7,21 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Protocol
 
 from batcher.providers.base import parse_duration
 
-HEADROOM = 0.985
-"""Fraction of a stated limit that is used. Sends are spaced evenly at 98.5% of the limit, so
-any one-second window of a provider that counts in per-second slices sees at most
-floor(0.985 × limit) + 1 ≤ limit requests, while >97% of the limit is delivered."""
+HEADROOM = 0.995
+"""Fraction of a stated limit that is used. Sends are spaced evenly at 99.5% of the limit; what
+keeps a provider that counts in per-second slices from ever seeing more than its limit in one
+slice is the request pacer's window (:data:`SLICE_WINDOW`), so the headroom only has to cover
+the jitter between our clock and the server's."""
+
+SLICE_WINDOW = 1.002
+"""The request pacer never lets more than floor(limit per second) sends into any window of this
+many seconds, counted on the times sends were released: late wake-ups that catch up cannot
+bunch into one of the provider's one-second slices. The 2 ms over a second cover the jitter of
+arrival at the server (loopback and LAN take well under a millisecond)."""
 
 TIMER_SLACK = 0.001
 """Seconds by which the spacing floor sits below the limit's interval (at most a tenth of it):
@@ -38,18 +46,24 @@ class Pacer:
     With ``spacing`` (the request pacer), no two releases are ever closer than the limit's own
     interval (``1 / per_second``) less :data:`TIMER_SLACK`, however late a waiter woke: a
     strict gateway limiter (nginx ``limit_req`` without burst) refuses a request that follows
-    the last one by less. The headroom and that millisecond are what a late wake-up may catch
-    up. :meth:`push_back` moves the whole schedule behind a cooldown: waiters whose slots fell
-    inside it take fresh, evenly spaced slots after it instead of leaving together.
+    the last one by less. And no window of :data:`SLICE_WINDOW` seconds holds more than
+    floor(``per_second``) releases (at two or more a second): a limiter counting per-second
+    slices never sees more than its limit in one, however the wake-ups fell. On time, the
+    schedule's own spacing keeps both checks idle. :meth:`push_back` moves the whole schedule
+    behind a cooldown: waiters whose slots fell inside it take fresh, evenly spaced slots
+    after it instead of leaving together.
     """
 
-    __slots__ = ("_epoch", "_next", "_released", "interval", "min_gap", "per_second", "spacing")
+    __slots__ = ("_epoch", "_next", "_recent", "_released", "interval", "min_gap", "per_second",
+                 "spacing")
 
     def __init__(self, per_second: float, *, spacing: bool = False) -> None:
         self.spacing = spacing
         self._next = 0.0
         self._released = -math.inf
         self._epoch = 0
+        self._recent: deque[float] | None = None
+        """The last floor(per_second) release times (the request pacer at >= 2/s)."""
         self.set_rate(per_second)
 
     def set_rate(self, per_second: float) -> None:
@@ -58,6 +72,24 @@ class Pacer:
         self.interval = 1.0 / (per_second * HEADROOM)
         gap = 1.0 / per_second
         self.min_gap = gap - min(TIMER_SLACK, 0.1 * gap) if self.spacing else 0.0
+        per_window = math.floor(per_second) if self.spacing and per_second >= 2 else 0
+        if per_window == 0:
+            self._recent = None
+        elif self._recent is None or self._recent.maxlen != per_window:
+            self._recent = deque(self._recent or (), maxlen=per_window)
+
+    def reserve(self, amount: float, now: float) -> float:
+        """Take the next free instant for ``amount`` units (never before ``now``) and return
+        it, without waiting: the schedule itself, for a caller that waits elsewhere (the Ray
+        engine's cluster limiter hands these instants out to its workers)."""
+        start = max(self._next, now)
+        self._next = start + amount * self.interval
+        return start
+
+    def defer(self, until: float) -> None:
+        """No instant before ``until`` is handed out; instants already handed out stand."""
+        if until > self._next:
+            self.push_back(until)
 
     async def acquire(self, amount: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
@@ -67,11 +99,15 @@ class Pacer:
             now = loop.time()
             if epoch != self._epoch:       # first pass, or the schedule was pushed back
                 epoch = self._epoch
-                start = max(self._next, now)
-                self._next = start + amount * self.interval
+                start = self.reserve(amount, now)
             wait = max(start - now, self._released + self.min_gap - now)
+            recent = self._recent
+            if recent is not None and len(recent) == recent.maxlen:
+                wait = max(wait, recent[0] + SLICE_WINDOW - now)
             if wait <= 0:
                 self._released = now
+                if recent is not None:
+                    recent.append(now)
                 return
             await asyncio.sleep(wait)
 
@@ -84,10 +120,35 @@ class Pacer:
         """Push the next free slot back by ``amount`` (units used beyond what was charged)."""
         self._next += amount * self.interval
 
-    def refund(self, amount: float) -> None:
-        """Give back ``amount`` units charged but not used (never earlier than now)."""
-        loop = asyncio.get_running_loop()
-        self._next = max(loop.time(), self._next - amount * self.interval)
+    def refund(self, amount: float, now: float | None = None) -> None:
+        """Give back ``amount`` units charged but not used (never earlier than ``now``,
+        default the event loop's clock)."""
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        self._next = max(now, self._next - amount * self.interval)
+
+
+class SharedLimit(Protocol):
+    """Pacing that several processes share (the Ray engine's cluster-wide limit): a
+    :class:`Throttle` given one paces through it instead of its own pacers, and tells it of
+    every cooldown it starts so that the cooldown reaches the other processes too."""
+
+    @property
+    def rpm(self) -> float | None:
+        """The shared requests-per-minute limit, or None."""
+        ...
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait for one request's send slot and ``tokens`` of the TPM budget."""
+        ...
+
+    def cooldown(self, delay: float) -> None:
+        """This process starts a cooldown of ``delay`` seconds from now: tell the others."""
+        ...
+
+    def settle_tokens(self, charged: int, actual: int, *, explicit_max: bool) -> None:
+        """Correct the shared TPM account (see :meth:`Throttle.settle_tokens`)."""
+        ...
 
 
 DISCOVER_DECREASE = 0.7
@@ -123,9 +184,16 @@ class Throttle:
       window of successes, up to ``concurrency``).
     - Streams cut while others run (a server that interrupts a stream when a new request
       arrives) halve the concurrency, down to one (:meth:`on_stream_cut`).
+    - With ``shared`` (a :class:`SharedLimit`: the Ray engine's cluster-wide limit), requests
+      are paced by it instead of local pacers, the rate is not discovered, every cooldown
+      started here is told to it, and :meth:`cool_until` takes the cooldowns it reports.
     """
 
-    def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int) -> None:
+    def __init__(self, *, rpm: float | None, tpm: float | None, concurrency: int,
+                 shared: SharedLimit | None = None) -> None:
+        self._shared = shared
+        if shared is not None:
+            rpm = tpm = None     # paced by the shared limit, not here
         self._rpm = Pacer(rpm / 60.0, spacing=True) if rpm else None
         self._tpm = Pacer(tpm / 60.0) if tpm else None
         self._cooldown_until = 0.0
@@ -133,7 +201,7 @@ class Throttle:
         self._ok_since_429 = True
         self._burst_forgiven = False
         self._probe_fast = True
-        self.adaptive = rpm is None and tpm is None
+        self.adaptive = rpm is None and tpm is None and shared is None
         self.max_concurrency = concurrency
         self.window = float(concurrency)
         self.stream_cap = concurrency
@@ -146,6 +214,8 @@ class Throttle:
     @property
     def rpm(self) -> float | None:
         """The requests per minute the pacer keeps to (stated, or discovered), or None."""
+        if self._shared is not None:
+            return self._shared.rpm
         return self._rpm.per_second * 60.0 if self._rpm is not None else None
 
     # --- dispatch -----------------------------------------------------------------------
@@ -163,6 +233,8 @@ class Throttle:
         loop = asyncio.get_running_loop()
         while True:
             await self.wait_cooldown()
+            if self._shared is not None:
+                await self._shared.acquire(tokens)
             if self._tpm is not None and tokens > 0:
                 await self._tpm.acquire(tokens)
             if self._rpm is not None:
@@ -183,6 +255,8 @@ class Throttle:
         tokens are given back only when the charge rested on our own default for a missing
         ``max_tokens``: when the request carried ``max_tokens``, the provider counted all of
         it on arrival and gives nothing back, so neither do we."""
+        if self._shared is not None and actual is not None:
+            self._shared.settle_tokens(charged, actual, explicit_max=explicit_max)
         if self._tpm is None or actual is None:
             return
         if actual > charged:
@@ -301,11 +375,19 @@ class Throttle:
             self._rpm = Pacer(max(DISCOVER_MIN_PER_SECOND, seen * DISCOVER_DECREASE),
                               spacing=True)
 
-    def _cool_until(self, until: float) -> None:
+    def cool_until(self, until: float) -> None:
+        """A cooldown until ``until`` (event-loop time) started elsewhere (another process
+        sharing the limit): wait it out here too, without telling the others again."""
+        if until > self._cooldown_until:
+            self._cool_until(until, tell=False)
+
+    def _cool_until(self, until: float, *, tell: bool = True) -> None:
         self._cooldown_until = until
         for pacer in (self._rpm, self._tpm):
             if pacer is not None:
                 pacer.push_back(until)
+        if tell and self._shared is not None:
+            self._shared.cooldown(until - asyncio.get_running_loop().time())
 
     def _observe_remaining(self, headers: Mapping[str, str]) -> None:
         for kind in ("requests", "tokens"):

@@ -67,6 +67,7 @@ from batcher.tokens import (
     tokenizer_name,
 )
 from batcher.types import (
+    JSON,
     HttpRequest,
     RequestRow,
     ResultRow,
@@ -159,6 +160,9 @@ class Runner:
             self.config = replace(self.config, concurrency=pool)
             self.consumers = pool
         config = self.config
+        # Before the state is opened: an engine that cannot run here (Ray not installed)
+        # is a usage error (exit 2) that leaves no trace.
+        self._engine = get_engine(config)
         options = config.reader_options()
         total = count_rows(config.input)
         self._warn_if_slow(total)
@@ -201,7 +205,7 @@ class Runner:
                 outcome = "pending"
                 message = (f"{self._left_pending:,} rows are still with the provider's Batch "
                            "API; run the same command again to collect them")
-            meta: dict[str, object] = {"status": outcome, "bad_rows": self.progress.bad_rows}
+            meta: dict[str, JSON] = {"status": outcome, "bad_rows": self.progress.bad_rows}
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
                 meta["total_rows"] = total - self.progress.bad_rows
@@ -242,7 +246,7 @@ class Runner:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def _fingerprint(self) -> dict[str, object]:
+    def _fingerprint(self) -> dict[str, JSON]:
         c = self.config
         return {
             "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
@@ -320,7 +324,8 @@ class Runner:
     async def _pipeline(self, store: StateStore, options: ReaderOptions, skip: set[str]) -> None:
         config = self.config
         rows: asyncio.Queue[RequestRow | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        self._engine = engine = get_engine(config)
+        engine = self._engine
+        assert engine is not None   # made in run()
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._write(store))

@@ -25,14 +25,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError as InvalidSchema
-from jsonschema.exceptions import best_match
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
+
+# jsonschema is imported where a schema is used: most runs have none, and `batcher --help`
+# should not pay for it.
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
 
 from batcher.errors import ConfigError, SchemaCut, SchemaError
 from batcher.types import JSON
@@ -95,6 +95,10 @@ class ResponseSchema:
                 f"response_format (--response-format): {source}: the schema's root must be "
                 '"type": "object" (vendors accept only an object at the top; put a list or '
                 "a value in a property)")
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError as InvalidSchema
+        from jsonschema.validators import validator_for
+
         cls_ = validator_for(schema, default=Draft202012Validator)
         try:
             cls_.check_schema(dict(schema))
@@ -180,6 +184,8 @@ class ResponseSchema:
             value = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
             return f"the answer is not valid JSON: {exc}"
+        from jsonschema.exceptions import best_match
+
         error = best_match(self.validator.iter_errors(value))
         if error is None:
             return None
@@ -212,7 +218,7 @@ def _refuse(source: str, where: str, what: str) -> ConfigError:
         "min/maxLength, pattern); rewrite the schema without it, or use another endpoint")
 
 
-def _gemini_node(node: Any, source: str, where: str) -> dict[str, JSON]:
+def _gemini_node(node: object, source: str, where: str) -> dict[str, JSON]:
     if not isinstance(node, Mapping):
         raise _refuse(source, where, f"a schema that is {node!r:.40}")
     out: dict[str, JSON] = {}

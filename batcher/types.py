@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # schema.py imports these types; the annotation needs only the name
     from batcher.schema import ResponseSchema
 
-JSON = Any
-"""A decoded JSON value (dict, list, str, int, float, bool or None)."""
+JSON = Mapping[str, "JSON"] | Sequence["JSON"] | str | int | float | bool | None
+"""A decoded JSON value, checked: reading a field gives another JSON value, which the code
+must narrow (``isinstance``) before using it as a dict, list, str or number. Servers' answers
+are untrusted, so the adapters read them this way, field by field, rather than through
+TypedDicts that would promise a shape no one checked. Mapping and Sequence (read-only) let a
+``dict[str, JSON]`` or ``list[dict[str, JSON]]`` built in code pass as JSON."""
 
 RowShape = Literal["prompt", "messages", "batch", "template"]
 

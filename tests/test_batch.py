@@ -495,3 +495,11 @@ def test_a_matrix_with_a_pending_run_exits_75(
     done = run_cli("run", job, "--no-progress")
     assert done.exit_code == 0, done.stderr
     assert _batches(sim)["creates"] == 2
+
+
+def test_batch_mode_on_ray_exits_2(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--model", "gpt-4o-mini",
+                     "--mode", "batch", "--engine", "ray")
+    assert result.exit_code == 2
+    assert "--engine ray is for live mode" in result.stderr

@@ -123,3 +123,51 @@ def test_an_engine_gets_the_pool_the_open_file_limit_allows(
                      "--concurrency", "64")
     assert result.exit_code == 1, result.stderr                # r3 fails, as always
     assert echo[0].consumers == 3 and echo[0].config.concurrency == 3
+
+
+def test_engine_ray_without_ray_installed_exits_2_naming_the_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    # `import ray` fails as it does where the extra is not installed.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for name in [m for m in sys.modules if m.startswith("batcher.engines.ray")]:
+        monkeypatch.delitem(sys.modules, name)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out.parquet"
+    result = run_cli("run", src, "-o", out, "--base-url", "http://127.0.0.1:9/v1",
+                     "--model", "m", "--engine", "ray", "--no-progress")
+    assert result.exit_code == 2
+    assert "pip install 'batcher[ray]'" in result.stderr
+    assert not out.exists() and not (tmp_path / "out.parquet.state").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--ray-actors", "2"), "needs engine ray"),
+    (("--ray-address", "auto"), "needs engine ray"),
+    (("--engine", "ray", "--ray-actors", "0"), "ray_actors (--ray-actors): 0 is out of range"),
+])
+def test_ray_options_are_checked(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--model", "m", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_job_file_engine_is_checked(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    job = tmp_path / "job.toml"
+    job.write_text('input = "in.jsonl"\noutput = "out.parquet"\nmodel = "m"\nengine = "spark"\n')
+    result = run_cli("run", job, "--no-progress")
+    assert result.exit_code == 2
+    assert "engine (--engine): 'spark' is not one of live, ray" in result.stderr
+
+
+def test_engine_local_is_the_live_engine(tmp_path: Path) -> None:
+    from batcher.config import make_config
+    from batcher.engines import LiveEngine, get_engine
+
+    config = make_config({"input": tmp_path / "in.jsonl", "output": tmp_path / "o.parquet",
+                          "engine": "local"})
+    assert config.engine == "live"
+    assert isinstance(get_engine(config), LiveEngine)

@@ -38,8 +38,8 @@ def arrow_type(node: JSON) -> pa.DataType:
     if isinstance(kind, list):
         named = [t for t in kind if t != "null"]
         kind = named[0] if len(named) == 1 else None
-    if kind is None and isinstance(node.get("enum"), list) \
-            and all(isinstance(v, str) for v in node["enum"]):
+    enum = node.get("enum")
+    if kind is None and isinstance(enum, list) and all(isinstance(v, str) for v in enum):
         kind = "string"
     if isinstance(kind, str) and kind in _SCALARS:
         return _SCALARS[kind]

@@ -8,7 +8,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -282,7 +281,7 @@ def _json_columns(shape: RowShape, options: ReaderOptions) -> frozenset[str]:
     return frozenset(names - {options.id_column})
 
 
-def _from_parquet_json(value: Any) -> Any:
+def _from_parquet_json(value: object) -> object:
     # Parquet has no JSON type: these columns come as JSON text, or as structs where Arrow
     # fills every absent key with null — which an API would reject ("name": null).
     if type(value) is str:
@@ -293,7 +292,7 @@ def _from_parquet_json(value: Any) -> Any:
     return _drop_nulls(value)
 
 
-def _drop_nulls(value: Any) -> Any:
+def _drop_nulls(value: object) -> object:
     if type(value) is dict:
         return {k: _drop_nulls(v) for k, v in value.items() if v is not None or k == "content"}
     if type(value) is list:

@@ -48,7 +48,7 @@ _SUPPORTED = ".jsonl, .ndjson, .jsonl.gz, .ndjson.gz, .parquet or a directory of
 _OUTPUT_SET = frozenset(OUTPUT_COLUMNS)
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 _LINE_BITS = 32  # a seen id's first position is packed as file_index << 32 | line
-_MISSING: Any = object()
+_MISSING: object = object()
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class RowBatch:
     lines_read: int
 
 
-def detect_shape(row: Mapping[str, Any], options: ReaderOptions) -> RowShape | None:
+def detect_shape(row: Mapping[str, object], options: ReaderOptions) -> RowShape | None:
     """The shape of a JSONL file, told from one decoded row; ``None`` if it fits none.
 
     ``template`` when the options have one; ``prompt`` when ``prompt_column`` was given or the
@@ -158,7 +158,7 @@ class _Template:
                 fields.append(name)
         return _Template(tuple(pieces), tuple(fields))
 
-    def render(self, row: Mapping[str, Any]) -> str | tuple[str, str]:
+    def render(self, row: Mapping[str, object]) -> str | tuple[str, str]:
         """The filled prompt, or (field, message) when the row lacks a field."""
         parts: list[str] = []
         for literal, name in self.pieces:
@@ -174,7 +174,7 @@ class _Template:
         return "".join(parts)
 
 
-def _template_text(value: Any) -> str:
+def _template_text(value: object) -> str:
     # str() as str.format would, except containers: JSON text reads better in a prompt
     # than Python's repr.
     if isinstance(value, (list, dict, tuple)):
@@ -323,6 +323,7 @@ class _RowBuilder:
         is_prompt, is_template, is_messages = (
             shape == "prompt", shape == "template", shape == "messages")
 
+        # A row as read: JSON values from JSONL, Python values from Parquet (dates, bytes…).
         def build(obj: dict[str, Any], line: int, ordinal: int) -> RequestRow | InputProblem | None:
             raw_id = obj.get(id_column)
             if type(raw_id) is str:
@@ -531,7 +532,7 @@ def _removed(remove: Callable[[str], None], item: str) -> bool:
     return True
 
 
-def _check_messages(value: Any) -> str | None:
+def _check_messages(value: object) -> str | None:
     """Why ``value`` is not a usable chat message list, or None if it is."""
     if value is _MISSING:
         return "missing"
@@ -554,7 +555,7 @@ def _check_messages(value: Any) -> str | None:
     return None
 
 
-def _check_batch_line(obj: Mapping[str, Any]) -> tuple[
+def _check_batch_line(obj: Mapping[str, object]) -> tuple[
         str | None, str | None, dict[str, JSON] | None, str | None]:
     """(field, error, body, url) for an OpenAI Batch API line; error is None when valid."""
     body = obj.get("body", _MISSING)
@@ -582,13 +583,13 @@ def _json_problem(source: str, line: int, raw: bytes, exc: Exception) -> InputPr
     return InputProblem(source, line, None, f"malformed JSON: {_short(exc)}")
 
 
-def _stringify(value: Any) -> str:
+def _stringify(value: object) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
 
 
-def _json_text(value: Any) -> str:
+def _json_text(value: object) -> str:
     """Parquet-friendly text for a non-scalar value: JSON for containers; the plain string
     form (no JSON quotes) for other objects such as dates, decimals and bytes."""
     text = orjson.dumps(value, default=_stringify, option=orjson.OPT_NON_STR_KEYS)
@@ -598,7 +599,7 @@ def _json_text(value: Any) -> str:
     return text.decode()
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     """A JSON-ish name for a value's type, for messages."""
     if value is None:
         return "null"
@@ -615,13 +616,13 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _not_a(value: Any, expected: str) -> str:
+def _not_a(value: object, expected: str) -> str:
     if value is _MISSING:
         return "missing"
     return f"must be {expected}, got {_kind(value)}"
 
 
-def _short_value(value: Any) -> str:
+def _short_value(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

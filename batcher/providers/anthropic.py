@@ -8,7 +8,7 @@ token (``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import orjson
@@ -237,7 +237,7 @@ def anthropic_usage(usage: JSON, base: Usage | None = None) -> Usage:
     return Usage(prompt, completion, total, cached, None)
 
 
-def _answer(text_parts: list[str], tool_uses: list[JSON], stop_reason: JSON, model: JSON,
+def _answer(text_parts: list[str], tool_uses: Sequence[JSON], stop_reason: JSON, model: JSON,
             rid: JSON, usage: Usage) -> Answer:
     finish, raw = normalise_finish_reason(stop_reason, STOP_REASONS)
     output = "".join(text_parts) if text_parts or not tool_uses else None

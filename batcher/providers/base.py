@@ -132,7 +132,8 @@ def checked(answer: Answer, request: HttpRequest, status: int,
 def decode_json(response: HttpResponse) -> JSON:
     """The body as JSON; an undecodable 2xx body is retryable (gateways send HTML on hiccups)."""
     try:
-        return orjson.loads(response.body)
+        data: JSON = orjson.loads(response.body)
+        return data
     except orjson.JSONDecodeError:
         raise InvalidResponse(
             f"HTTP {response.status} body is not valid JSON: {snippet(response.body)}",

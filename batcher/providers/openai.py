@@ -473,7 +473,8 @@ class EmbeddingsProvider:
             vectors = parse_embeddings(data)
         except InvalidResponse as exc:
             raise InvalidResponse(exc.message, status=response.status) from None
-        body: dict[str, JSON] = data  # parse_embeddings accepted it, so it is an object
+        assert isinstance(data, dict)  # parse_embeddings accepted it, so it is an object
+        body = data
         usage = openai_usage(body.get("usage"))
         model = body.get("model")
         rid = body.get("id")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 
 from batcher.simulator import structured, wire
+from batcher.types import JSON
 
 DEFAULT_MODEL = "sim-model"
 
@@ -56,15 +57,15 @@ class Plan:
     frames: list[bytes] | None = None
 
 
-Parser = Callable[[Any, web.Request, Context], Plan]
+Parser = Callable[[JSON, web.Request, Context], Plan]
 
 
-def _model(payload: dict[str, Any]) -> str:
+def _model(payload: dict[str, JSON]) -> str:
     model = payload.get("model")
     return model if isinstance(model, str) and model else DEFAULT_MODEL
 
 
-def _positive_int(payload: dict[str, Any], name: str) -> int | None:
+def _positive_int(payload: dict[str, JSON], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
@@ -74,7 +75,7 @@ def _positive_int(payload: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _object(payload: Any) -> dict[str, Any]:
+def _object(payload: JSON) -> dict[str, JSON]:
     if not isinstance(payload, dict):
         raise Invalid("The request body must be a JSON object.")
     return payload
@@ -88,7 +89,7 @@ def _answer_for(ctx: Context, prompt: str, max_tokens: int | None) -> tuple[str,
     return text, False
 
 
-def _structured_answer(ctx: Context, schema: Any, prompt: str, max_tokens: int | None,
+def _structured_answer(ctx: Context, schema: Mapping[str, JSON], prompt: str, max_tokens: int | None,
                        *, json_only: bool = False) -> tuple[str, bool]:
     """(JSON text fitting ``schema``, or broken when the simulator breaks this one; truncated?)
     under ``max_tokens``. ``json_only``: a broken answer is still JSON (a tool's input)."""
@@ -102,7 +103,7 @@ def _structured_answer(ctx: Context, schema: Any, prompt: str, max_tokens: int |
     return text, False
 
 
-def _messages(payload: dict[str, Any], dialect_hint: str) -> list[dict[str, Any]]:
+def _messages(payload: dict[str, JSON], dialect_hint: str) -> list[dict[str, JSON]]:
     messages = payload.get("messages")
     if messages is None:
         message = ("messages: Field required" if dialect_hint == "anthropic"
@@ -115,21 +116,21 @@ def _messages(payload: dict[str, Any], dialect_hint: str) -> list[dict[str, Any]
     return messages
 
 
-def _last_user(messages: list[dict[str, Any]], texts: list[str]) -> str:
+def _last_user(messages: list[dict[str, JSON]], texts: list[str]) -> str:
     for message, text in zip(reversed(messages), reversed(texts), strict=True):
         if message["role"] == "user":
             return text
     return texts[-1]
 
 
-def _wants_usage(payload: dict[str, Any], ctx: Context) -> bool:
+def _wants_usage(payload: dict[str, JSON], ctx: Context) -> bool:
     """Whether a stream ends with a usage chunk: asked for, and not omitted by the config."""
     options = payload.get("stream_options")
     return (isinstance(options, dict) and options.get("include_usage") is True
             and not ctx.omit_stream_usage)
 
 
-def parse_chat(payload: Any, request: web.Request, ctx: Context) -> Plan:
+def parse_chat(payload: JSON, request: web.Request, ctx: Context) -> Plan:
     body = _object(payload)
     messages = _messages(body, "openai")
     texts = [wire.content_text(m.get("content")) for m in messages]
@@ -159,7 +160,7 @@ def parse_chat(payload: Any, request: web.Request, ctx: Context) -> Plan:
     return plan
 
 
-def parse_completions(payload: Any, request: web.Request, ctx: Context) -> Plan:
+def parse_completions(payload: JSON, request: web.Request, ctx: Context) -> Plan:
     body = _object(payload)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -190,7 +191,7 @@ def parse_completions(payload: Any, request: web.Request, ctx: Context) -> Plan:
     return plan
 
 
-def parse_embeddings(payload: Any, request: web.Request, ctx: Context) -> Plan:
+def parse_embeddings(payload: JSON, request: web.Request, ctx: Context) -> Plan:
     body = _object(payload)
     given = body.get("input")
     inputs = [given] if isinstance(given, str) else given
@@ -215,7 +216,7 @@ def parse_embeddings(payload: Any, request: web.Request, ctx: Context) -> Plan:
                  body=orjson.dumps(wire.embeddings_response(model, vectors, prompt_tokens)))
 
 
-def parse_messages(payload: Any, request: web.Request, ctx: Context) -> Plan:
+def parse_messages(payload: JSON, request: web.Request, ctx: Context) -> Plan:
     body = _object(payload)
     if body.get("max_tokens") is None:
         raise Invalid("max_tokens: Field required", "max_tokens")
@@ -244,7 +245,7 @@ def parse_messages(payload: Any, request: web.Request, ctx: Context) -> Plan:
     return plan
 
 
-def _tool_answer(ctx: Context, body: dict[str, Any], tool: tuple[str, Any], prompt: str,
+def _tool_answer(ctx: Context, body: dict[str, JSON], tool: tuple[str, Mapping[str, JSON]], prompt: str,
                  max_tokens: int, model: str, prompt_tokens: int) -> Plan:
     """The answer to a forced tool: one tool_use block whose input fits its schema (or is
     broken; or, cut by max_tokens, an empty input as the API leaves an unfinished one)."""
@@ -266,7 +267,7 @@ def _tool_answer(ctx: Context, body: dict[str, Any], tool: tuple[str, Any], prom
     return plan
 
 
-def parse_gemini(payload: Any, request: web.Request, ctx: Context) -> Plan:
+def parse_gemini(payload: JSON, request: web.Request, ctx: Context) -> Plan:
     model, _, action = request.match_info["call"].partition(":")
     if action not in ("generateContent", "streamGenerateContent"):
         raise Invalid(f"Method not found: {action or '(none)'} (simulated).", status=404)

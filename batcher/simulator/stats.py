@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from batcher.types import JSON
 
 
 @dataclass(slots=True)
@@ -21,7 +22,7 @@ class BatchCounters:
     largest_input: int = 0
     """Bytes of the largest batch input received (an uploaded file, an Anthropic create)."""
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, JSON]:
         return {"files": self.files, "creates": self.creates,
                 "creates_by_part": dict(self.creates_by_part), "lines": self.lines,
                 "cancels": self.cancels, "polls": self.polls,
@@ -83,7 +84,7 @@ class Stats:
     def count_fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, JSON]:
         """A JSON-ready snapshot (``by_status`` keys become strings, as JSON requires)."""
         return {
             "requests": self.requests,

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
 
 import orjson
+
+from batcher.types import JSON
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 
 
-def chat_schema(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def chat_schema(body: Mapping[str, JSON]) -> Mapping[str, JSON] | None:
     """The schema of an OpenAI chat request's ``response_format`` (None: no schema asked)."""
     fmt = body.get("response_format")
     if not isinstance(fmt, Mapping) or fmt.get("type") != "json_schema":
@@ -32,7 +33,7 @@ def chat_schema(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return schema if isinstance(schema, Mapping) else None
 
 
-def anthropic_tool(body: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+def anthropic_tool(body: Mapping[str, JSON]) -> tuple[str, Mapping[str, JSON]] | None:
     """(name, input_schema) of the tool an Anthropic request forces (``tool_choice`` of type
     ``tool``, or ``any`` with a single tool); None when no tool is forced."""
     choice = body.get("tool_choice")
@@ -48,17 +49,17 @@ def anthropic_tool(body: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | N
     return None
 
 
-def gemini_schema(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def gemini_schema(config: Mapping[str, JSON]) -> Mapping[str, JSON] | None:
     schema = config.get("responseSchema") or config.get("response_schema")
     return schema if isinstance(schema, Mapping) else None
 
 
-def instance(schema: Mapping[str, Any], prompt: str) -> Any:
+def instance(schema: Mapping[str, JSON], prompt: str) -> JSON:
     """A value that fits ``schema``, the same for the same prompt."""
     return _value(schema, hashlib.sha1(prompt.encode("utf-8", "surrogatepass")).digest(), "$")
 
 
-def broken(schema: Mapping[str, Any], prompt: str, nth: int) -> tuple[Any, str]:
+def broken(schema: Mapping[str, JSON], prompt: str, nth: int) -> tuple[JSON, str]:
     """(a value, its text) that does not fit ``schema``: odd ``nth`` → text that is not JSON
     (value None), even → an object missing a required property or with a wrong type."""
     value = instance(schema, prompt)
@@ -81,22 +82,24 @@ def _pick(digest: bytes, path: str) -> int:
     return int.from_bytes(hashlib.sha1(digest + path.encode()).digest()[:4], "big")
 
 
-def _type(node: Mapping[str, Any]) -> str | None:
+def _type(node: Mapping[str, JSON]) -> str | None:
     kind = node.get("type")
     if isinstance(kind, list):
         kind = next((t for t in kind if str(t).lower() != "null"), None)
     return str(kind).lower() if kind is not None else None
 
 
-def _value(node: Any, digest: bytes, path: str) -> Any:
+def _value(node: JSON, digest: bytes, path: str) -> JSON:
     if not isinstance(node, Mapping):
         return None
     n = _pick(digest, path)
     if "const" in node:
-        return node["const"]
+        const: JSON = node["const"]
+        return const
     enum = node.get("enum")
     if isinstance(enum, list) and enum:
-        return enum[n % len(enum)]
+        chosen: JSON = enum[n % len(enum)]
+        return chosen
     for key in ("anyOf", "oneOf"):
         options = node.get(key)
         if isinstance(options, list) and options:
@@ -127,7 +130,7 @@ def _value(node: Any, digest: bytes, path: str) -> Any:
     return _string(node, n)
 
 
-def _string(node: Mapping[str, Any], n: int) -> str:
+def _string(node: Mapping[str, JSON], n: int) -> str:
     fmt = node.get("format")
     if fmt == "date":
         return f"2026-{1 + n % 12:02d}-{1 + n % 28:02d}"
@@ -141,13 +144,13 @@ def _string(node: Mapping[str, Any], n: int) -> str:
     return text.ljust(low, "x")[:high]
 
 
-def _int(value: Any, default: int) -> int:
+def _int(value: JSON, default: int) -> int:
     if isinstance(value, str) and value.isdigit():  # Gemini's int64 fields are strings
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _number(value: Any, default: float) -> float:
+def _number(value: JSON, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return default
     return float(value)

@@ -19,9 +19,10 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
 
 import orjson
+
+from batcher.types import JSON
 
 CHARS_PER_TOKEN = 4
 
@@ -81,7 +82,7 @@ def embedding_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-def content_text(content: Any) -> str:
+def content_text(content: JSON) -> str:
     """The text of an OpenAI/Anthropic message content: a string or a list of text parts."""
     if isinstance(content, str):
         return content
@@ -91,7 +92,7 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def parts_text(parts: Any) -> str:
+def parts_text(parts: JSON) -> str:
     """The text of a Gemini ``parts`` list."""
     if not isinstance(parts, list):
         return ""
@@ -102,7 +103,7 @@ def parts_text(parts: Any) -> str:
 
 
 def chat_completion(rid: str, created: int, model: str, content: str, finish: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, JSON]:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -119,7 +120,7 @@ def chat_completion(rid: str, created: int, model: str, content: str, finish: st
     }
 
 
-def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, JSON]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -134,12 +135,13 @@ def chat_stream_frames(rid: str, created: int, model: str, content: str, finish:
                        include_usage: bool) -> list[bytes]:
     """SSE frames of a streamed chat answer: a role chunk, one chunk per word, the finish
     chunk, the usage chunk (``choices: []``) when ``include_usage``, then ``[DONE]``."""
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": "fp_sim"}
-    extra = {"usage": None} if include_usage else {}
+    base: dict[str, JSON] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "system_fingerprint": "fp_sim"}
+    extra: dict[str, JSON] = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict[str, JSON], finish_reason: str | None) -> bytes:
+        choice: dict[str, JSON] = {"index": 0, "delta": delta, "logprobs": None,
+                                   "finish_reason": finish_reason}
         return sse({**base, "choices": [choice], **extra})
 
     frames = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
@@ -153,7 +155,7 @@ def chat_stream_frames(rid: str, created: int, model: str, content: str, finish:
 
 
 def text_completion(rid: str, created: int, model: str, texts: list[tuple[str, str]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, JSON]:
     """A legacy completion; ``texts`` holds (text, finish_reason) per prompt."""
     return {
         "id": rid,
@@ -170,11 +172,12 @@ def text_completion(rid: str, created: int, model: str, texts: list[tuple[str, s
 def completion_stream_frames(rid: str, created: int, model: str, texts: list[tuple[str, str]],
                              prompt_tokens: int, completion_tokens: int,
                              include_usage: bool) -> list[bytes]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    base: dict[str, JSON] = {"id": rid, "object": "text_completion", "created": created,
+                             "model": model}
     frames: list[bytes] = []
     for index, (text, finish) in enumerate(texts):
         for piece in pieces(text):
-            choice = {"text": piece, "index": index, "logprobs": None, "finish_reason": None}
+            choice: dict[str, JSON] = {"text": piece, "index": index, "logprobs": None, "finish_reason": None}
             frames.append(sse({**base, "choices": [choice]}))
         frames.append(sse({**base, "choices": [
             {"text": "", "index": index, "logprobs": None, "finish_reason": finish}]}))
@@ -187,7 +190,7 @@ def completion_stream_frames(rid: str, created: int, model: str, texts: list[tup
 
 
 def embeddings_response(model: str, vectors: Iterable[list[float] | str],
-                        prompt_tokens: int) -> dict[str, Any]:
+                        prompt_tokens: int) -> dict[str, JSON]:
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": v}
@@ -198,7 +201,7 @@ def embeddings_response(model: str, vectors: Iterable[list[float] | str],
 
 
 def anthropic_message(rid: str, model: str, text: str, stop_reason: str,
-                      input_tokens: int, output_tokens: int) -> dict[str, Any]:
+                      input_tokens: int, output_tokens: int) -> dict[str, JSON]:
     return {
         "id": rid,
         "type": "message",
@@ -211,7 +214,7 @@ def anthropic_message(rid: str, model: str, text: str, stop_reason: str,
     }
 
 
-def anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, JSON]:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens,
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
@@ -242,7 +245,7 @@ def anthropic_stream_frames(rid: str, model: str, text: str, stop_reason: str,
     return frames
 
 
-def anthropic_tool_frames(rid: str, model: str, block: dict[str, Any], text: str,
+def anthropic_tool_frames(rid: str, model: str, block: dict[str, JSON], text: str,
                           stop_reason: str, input_tokens: int,
                           output_tokens: int) -> list[bytes]:
     """Anthropic's event stream of one tool_use ``block``: its ``input`` sent as
@@ -270,23 +273,26 @@ def anthropic_tool_frames(rid: str, model: str, block: dict[str, Any], text: str
 
 
 def gemini_response(rid: str, model: str, text: str, finish: str | None,
-                    prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
-    candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]},
+                    prompt_tokens: int, output_tokens: int) -> dict[str, JSON]:
+    candidate: dict[str, JSON] = {"content": {"role": "model", "parts": [{"text": text}]},
                                  "index": 0}
     if finish is not None:
         candidate["finishReason"] = finish
     return {
         "candidates": [candidate],
-        "usageMetadata": {"promptTokenCount": prompt_tokens,
-                          "candidatesTokenCount": output_tokens,
-                          "totalTokenCount": prompt_tokens + output_tokens},
+        "usageMetadata": gemini_usage(prompt_tokens, output_tokens),
         "modelVersion": model,
         "responseId": rid,
     }
 
 
+def gemini_usage(prompt_tokens: int, output_tokens: int) -> dict[str, JSON]:
+    return {"promptTokenCount": prompt_tokens, "candidatesTokenCount": output_tokens,
+            "totalTokenCount": prompt_tokens + output_tokens}
+
+
 def gemini_stream_chunks(rid: str, model: str, text: str, finish: str,
-                         prompt_tokens: int, output_tokens: int) -> list[dict[str, Any]]:
+                         prompt_tokens: int, output_tokens: int) -> list[dict[str, JSON]]:
     """streamGenerateContent chunks: one per word, the last with finishReason and usage."""
     words = pieces(text) or [""]
     chunks = []
@@ -296,8 +302,7 @@ def gemini_stream_chunks(rid: str, model: str, text: str, finish: str,
         last = i == len(words) - 1
         chunks.append(gemini_response(rid, model, piece, finish if last else None,
                                       prompt_tokens, count_tokens(done)))
-    chunks[-1]["usageMetadata"]["candidatesTokenCount"] = output_tokens
-    chunks[-1]["usageMetadata"]["totalTokenCount"] = prompt_tokens + output_tokens
+    chunks[-1]["usageMetadata"] = gemini_usage(prompt_tokens, output_tokens)
     return chunks
 
 
@@ -307,11 +312,11 @@ def pieces(text: str) -> list[str]:
     return [words[0], *(" " + w for w in words[1:])] if text else []
 
 
-def sse(data: Any) -> bytes:
+def sse(data: JSON) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def event(name: str, data: Any) -> bytes:
+def event(name: str, data: JSON) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
@@ -365,11 +370,11 @@ def error_body(dialect: Dialect, status: int, message: str | None = None, *,
          f"HTTP {status} (simulated)."))
     oa_type, oa_code, an_type, g_status, default_message = default
     text = message or default_message
-    data: dict[str, Any]
+    data: dict[str, JSON]
     if dialect == "anthropic":
         data = {"type": "error", "error": {"type": type_ or an_type, "message": text}}
     elif dialect == "gemini":
-        err: dict[str, Any] = {"code": status, "message": text, "status": g_status}
+        err: dict[str, JSON] = {"code": status, "message": text, "status": g_status}
         if retry_delay is not None:
             err["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
                                "retryDelay": google_duration(retry_delay)}]

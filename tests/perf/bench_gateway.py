@@ -72,14 +72,10 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     keepalive_requests 100000;
-    limit_req_zone $binary_remote_addr zone=gateway:1m rate={rate}r/s;
-    limit_req_log_level warn;
-    server {{
+{zone}    server {{
         listen 127.0.0.1:{port};
         location = /v1/chat/completions {{
-            limit_req zone=gateway;
-            limit_req_status 429;
-            try_files /nonexistent @answer;
+{limit}            try_files /nonexistent @answer;
         }}
         location @answer {{
             default_type application/json;
@@ -96,14 +92,22 @@ http {{
 
 class Nginx:
     """nginx in the foreground (``daemon off``, one process) with its config, pid, logs and
-    temp paths in ``tmp``, on a free loopback port; stopped on leaving the ``with`` block."""
+    temp paths in ``tmp``, on a free loopback port; stopped on leaving the ``with`` block.
+    ``rate`` None: no limiter, every request answered at once (the throughput benchmark's
+    zero-cost server)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, rate: int | None = GATEWAY_RATE) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.access_log = tmp / "access.log"
         conf = tmp / "nginx.conf"
-        conf.write_text(CONFIG.format(tmp=tmp, port=self.port, rate=GATEWAY_RATE, answer=ANSWER))
+        zone = limit = ""
+        if rate is not None:
+            zone = (f"    limit_req_zone $binary_remote_addr zone=gateway:1m rate={rate}r/s;\n"
+                    "    limit_req_log_level warn;\n")
+            limit = "            limit_req zone=gateway;\n            limit_req_status 429;\n"
+        conf.write_text(CONFIG.format(tmp=tmp, port=self.port, zone=zone, limit=limit,
+                                      answer=ANSWER))
         cmd = [str(NGINX), "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
         self.proc = subprocess.Popen(pinned(1, cmd), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)

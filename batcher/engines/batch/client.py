@@ -59,10 +59,11 @@ class BatchClient:
         response = await self.send(method, self.url(path), data, "application/json"
                                    if body is not None else None)
         try:
-            return orjson.loads(response.body)
+            decoded: JSON = orjson.loads(response.body)
         except orjson.JSONDecodeError:
             raise BatchApiDown(f"{method} {path}: the answer is not JSON: "
                                f"{snippet(response.body)}") from None
+        return decoded
 
     async def send(self, method: str, url: str, body: bytes = b"",
                    content_type: str | None = None) -> HttpResponse:

@@ -96,8 +96,9 @@ class Ledger:
             if not isinstance(number, int):
                 continue
             if kind == "part":
+                requests = event.get("requests")
                 parts[number] = PartRecord(number, str(event.get("endpoint")),
-                                           int(event.get("requests") or 0),
+                                           requests if isinstance(requests, int) else 0,
                                            submitted_at=_text(event.get("at")))
             elif number in parts:
                 record = parts[number]

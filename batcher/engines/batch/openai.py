@@ -76,9 +76,10 @@ class OpenAIBatches:
                 if isinstance(found, dict) and all(found.get(k) == v
                                                    for k, v in metadata.items()):
                     return _batch(item)
-            if not page.get("has_more"):
+            last = data[-1]
+            if not isinstance(page, dict) or not page.get("has_more") or not isinstance(last, dict):
                 return None
-            after = str(data[-1].get("id"))
+            after = str(last.get("id"))
         return None
 
     async def get(self, client: BatchClient, batch_id: str) -> RemoteBatch:
