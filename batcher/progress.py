@@ -29,8 +29,11 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
     columns = (
         TextColumn("[bold]batcher"), BarColumn(bar_width=16), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[tokens]} tok"),
-        TextColumn("${task.fields[cost]}"), TextColumn("[red]{task.fields[errors]} err"),
-        TimeRemainingColumn(), TextColumn("{task.fields[stage]}"),
+        # The engine's stage (batch mode: batches by state) rides on the errors column: a
+        # column of its own, empty in live mode, would take width from the counts.
+        TextColumn("${task.fields[cost]}"),
+        TextColumn("[red]{task.fields[errors]} err[/red]{task.fields[stage]}"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("run", total=progress.total, rate="0", tokens=0, cost="0.00",
@@ -48,7 +51,7 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
                            tokens=_running_tokens(progress.spend),
                            cost=_running_cost(progress.spend),
                            errors=progress.error + progress.bad_rows,
-                           stage=progress.stage)
+                           stage=f" · {progress.stage}" if progress.stage else "")
                 bar.refresh()
                 await asyncio.sleep(REFRESH_S)
         except asyncio.CancelledError:

@@ -503,3 +503,12 @@ def test_batch_mode_on_ray_exits_2(tmp_path: Path) -> None:
                      "--mode", "batch", "--engine", "ray")
     assert result.exit_code == 2
     assert "--engine ray is for live mode" in result.stderr
+
+
+async def test_the_progress_bar_shows_the_batches_by_state() -> None:
+    from batcher.summary import Progress
+    from tests.test_progress import _bar_text
+
+    progress = Progress(total=10, ok=4, stage="batches: 1 completed, 2 in_progress")
+    text = await _bar_text(progress)
+    assert "0 err · batches: 1 completed" in " ".join(text.split())
