@@ -18,6 +18,7 @@ from batcher.config import (
     DEFAULT_MAX_RATE_LIMIT_WAIT,
     DEFAULT_TIMEOUT,
     ENDPOINTS,
+    MODES,
     ORDERS,
 )
 from batcher.errors import BatcherError, ConfigError, ExitCode, fail
@@ -91,6 +92,9 @@ def request_options(func: F) -> F:
                           "not fit); the validated JSON goes to column 'parsed'."),
         click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
                      help="Log lines on stderr [default: console]."),
+        click.option("--mode", type=click.Choice(MODES),
+                     help="live: one request per row now; batch: the provider's Batch API "
+                          "(OpenAI, Anthropic) at half the price, within 24 h [default: live]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -103,7 +107,7 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
     values["params"] = parse_params(values.pop("params", ())) or None
     values["headers"] = parse_headers(values.pop("headers", ())) or None
     for flag in ("retry_failed", "restart", "force_resume", "strict", "keep_raw",
-                 "cache_nondeterministic", "flatten"):
+                 "cache_nondeterministic", "flatten", "no_wait"):
         if flag in values and not values[flag]:
             values[flag] = None
     return values
@@ -148,6 +152,15 @@ def cli() -> None:
               help="With --response-format: one typed column per top-level schema property.")
 @click.option("--order", type=click.Choice(ORDERS), default=None,
               help="Output rows in input order, or as answered [default: input].")
+@click.option("--batch-max-requests", type=int, metavar="N",
+              help="Batch mode: most requests per provider batch [default: the provider's "
+                   "cap, 50,000 OpenAI, 100,000 Anthropic]; batches are also split at its size "
+                   "cap (200 MB OpenAI, 256 MB Anthropic).")
+@click.option("--poll-interval", type=float, metavar="SECONDS",
+              help="Batch mode: seconds between polls [default: 10, backing off to 60].")
+@click.option("--no-wait", is_flag=True,
+              help="Batch mode: submit, collect what has ended, exit 75 while anything is "
+                   "pending; the same command later collects the rest.")
 @click.option("--engine", type=click.Choice(["live", "local", "ray"]),
               help="Where requests are sent from: this process (live, also 'local') or the "
                    "actors of a Ray cluster (ray; pip install 'batcher[ray]') [default: live].")
@@ -169,7 +182,8 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
 
     Exit codes: 0 all ok; 1 finished with failed rows or bad input rows skipped; 2
     usage/config/input error; 3 aborted (auth, quota, budget, lock held, server down or
-    unreachable, disk full, out of open files; resumable); 130/143 interrupted."""
+    unreachable, disk full, out of open files; resumable); 75 batch mode --no-wait: submitted
+    and still pending (run the same command later); 130/143 interrupted."""
     from batcher.commands import execute_estimate, execute_run
 
     values = collect(kwargs)
@@ -201,6 +215,16 @@ def status(output: Path, as_json: bool) -> None:
     from batcher.commands import execute_status
 
     sys.exit(execute_status(output, as_json=as_json))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+def cancel(output: Path) -> None:
+    """Batch mode: cancel OUTPUT's provider batches still running. What they finished is
+    collected by the same `run` command (rerunning it also sends the rest again)."""
+    from batcher.commands import execute_cancel
+
+    sys.exit(execute_cancel(output))
 
 
 @cli.command()
@@ -257,7 +281,9 @@ def simulator_options(func: F) -> F:
 
     for option in reversed(SIM_OPTIONS):
         if option.type is bool:
+            # A --no-X flag turns its setting off; any other flag turns it on.
             func = click.option(option.flag, option.name, is_flag=True, default=None,
+                                flag_value=not option.flag.startswith("--no-"),
                                 help=option.help)(func)
         elif option.name == "script":
             func = click.option(option.flag, option.name, multiple=True, help=option.help)(func)
@@ -273,7 +299,8 @@ def simulator_options(func: F) -> F:
 @simulator_options
 def simulate(host: str, port: int, **kwargs: Any) -> None:
     """A local OpenAI-compatible server (chat, completions, embeddings, Anthropic messages,
-    Gemini generateContent) with latency, limits and faults, to rehearse a job for free.
+    Gemini generateContent, and the OpenAI and Anthropic Batch APIs) with latency, limits
+    and faults, to rehearse a job for free.
     Base URL: http://HOST:PORT/v1 (Gemini: http://HOST:PORT/v1beta). GET /_stats counts
     what it received."""
     from batcher.simulate import serve, sim_config_from

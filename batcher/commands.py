@@ -58,7 +58,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         quiet = bool(run_values.pop("no_progress", False))
         wants_report = report and not run_values.pop("no_report", False)
         code = _execute_one(run_values, show_progress=show_progress and not quiet, argv=argv)
-        worst = max(worst, code)
+        worst = max(worst, code, key=_severity)
         # Not after a usage error: whatever output is there is not this run's.
         if wants_report and code != 2 and _auto_report([Path(run_values["output"])], None,
                                                        run_values):
@@ -71,6 +71,12 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         _auto_report(reported, job_comparison_path(str(runs[0].values["job"]), reported),
                      runs[0].values)
     return worst
+
+
+def _severity(code: int) -> tuple[int, int]:
+    """Orders exit codes for a matrix: pending (75: run again later) is worse than finished
+    with failed rows, and better than any error; the others in their numeric order."""
+    return (1, 1) if code == ExitCode.PENDING else (int(code > ExitCode.FAILED_ROWS) * 2, code)
 
 
 def _auto_report(outputs: list[Path], dest: Path | None, values: dict[str, Any]) -> bool:
@@ -123,6 +129,9 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         summary.resume_command = _resume_command(argv)
         write_summary(config.summary_path, summary)
     _report(summary, table=log_format != "json")
+    if summary.outcome == "pending" and summary.resume_command:
+        # The one line a cron job's log needs, whole (the table may cut it to the terminal).
+        print(f"batcher: {summary.message}: {summary.resume_command}", file=sys.stderr)
     return summary.exit_code
 
 
@@ -246,7 +255,8 @@ def estimate_job(config: RunConfig) -> EstimateReport:
     report = estimate(rows() if config.cache is None else misses(), ctx, config.endpoint,
                       rpm=config.rpm, tpm=config.tpm,
                       concurrency=config.concurrency, price_input=config.price_input,
-                      price_output=config.price_output, prices_table=config.prices)
+                      price_output=config.price_output, prices_table=config.prices,
+                      batch=config.mode == "batch")
     report.bad_rows = bad
     report.cache_hits = hits
     return report
@@ -266,16 +276,63 @@ def execute_status(target: Path, *, as_json: bool) -> int:
     if not any(info.get("state_exists") or info.get("output_exists") for info in infos):
         names = ", ".join(str(o) for o in outputs)
         return fail(ConfigError(f"{names}: no output and no state found (has it run yet?)"), 2)
+    listings = [_batches_of(output) for output in outputs]
     if as_json:
-        print(orjson.dumps(infos[0] if len(infos) == 1 else infos).decode())
+        docs = [{**info, **(listing or {})} for info, listing in zip(infos, listings,
+                                                                     strict=True)]
+        print(orjson.dumps(docs[0] if len(docs) == 1 else docs).decode())
         return ExitCode.OK
-    for info in infos:
+    for info, listing in zip(infos, listings, strict=True):
         width = max(len(k) for k in info)
         for key, value in info.items():
             if value is None and key in UNKNOWN_TOTALS:
                 value = "unknown"  # some answered row's usage or cost is: never a silent 0
             print(f"{key:<{width}}  {value}")
+        if listing is not None:
+            print(_render_batches(listing))
         print()
+    return ExitCode.OK
+
+
+def _batches_of(output: Path) -> dict[str, Any] | None:
+    """A batch-mode output's provider batches, refreshed from the provider when it can be
+    asked (see :func:`batcher.engines.batch.control.batch_listing`)."""
+    from batcher.engines.batch.control import batch_listing
+
+    return run_async(batch_listing(output))
+
+
+def _render_batches(listing: dict[str, Any]) -> str:
+    lines = [f"batches  {len(listing['batches'])}"]
+    for b in listing["batches"]:
+        counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items()) or "-"
+        age = "-" if b["age_s"] is None else f"{b['age_s']:.0f}s"
+        lines.append(f"  part {b['part']:<4} {b['batch_id'] or '(not created)'}  "
+                     f"{b['state']:<11} requests {b['requests']:<6} {counts}  age {age}")
+    if listing.get("note"):
+        lines.append(f"  ({listing['note']})")
+    return "\n".join(lines)
+
+
+def execute_cancel(output: Path) -> int:
+    """``batcher cancel``: cancel a batch-mode output's running batches; exit 0, 2 when the
+    output has no batches, 3 when the provider cannot be asked."""
+    from batcher.engines.batch.control import cancel_batches
+
+    configure_logging("console")
+    try:
+        cancelled = run_async(cancel_batches(output))
+    except BatcherError as exc:
+        return fail(exc, exc.exit_code)
+    from batcher.report import read_summary
+
+    # The last run that did not finish saved the command that resumes it: the one to use.
+    resume = (read_summary(output) or {}).get("resume_command")
+    how = f": {resume}" if isinstance(resume, str) and resume else ""
+    print(f"cancelled {len(cancelled)} batch{'' if len(cancelled) == 1 else 'es'}"
+          + (f": {', '.join(cancelled)}" if cancelled else " (none was running)")
+          + ". Rerun the same `batcher run` command to collect what they finished "
+            f"(it also submits the rest again){how}")
     return ExitCode.OK
 
 

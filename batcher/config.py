@@ -23,6 +23,9 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_BATCH_SIZE = 16
 ENDPOINTS = ("chat", "completions", "embeddings", "anthropic", "gemini")
+MODES = ("live", "batch")
+BATCH_ENDPOINTS = ("chat", "completions", "embeddings", "anthropic")
+"""Endpoints ``--mode batch`` can send through a provider Batch API (Gemini's is not supported)."""
 ENGINES = ("live", "ray")
 ENGINE_ALIASES = {"local": "live"}
 """PRODUCT.md names the one-machine engine ``local``; the code and the seam call it ``live``."""
@@ -95,6 +98,14 @@ class RunConfig:
     ray_actors: int | None = None
     """``--engine ray``: sending actors, each at ``concurrency``; None: one per cluster CPU."""
     job: str | None = None
+    mode: str = "live"
+    """``live``: one request per row through the pool; ``batch``: the provider's Batch API."""
+    batch_max_requests: int | None = None
+    """Batch mode: most requests per provider batch (None: the provider's own cap)."""
+    poll_interval: float | None = None
+    """Batch mode: seconds between progress polls (None: 10 s backing off to 60 s)."""
+    no_wait: bool = False
+    """Batch mode: submit, collect what has ended, and exit 75 while anything is pending."""
 
     @functools.cached_property
     def response_schema(self) -> ResponseSchema | None:
@@ -160,6 +171,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "price_output": (0, 1e6),
     "grace": (0, 86_400),
     "server_down_after": (0.01, 86_400),
+    "batch_max_requests": (1, 100_000),
+    "poll_interval": (0.001, 86_400),
     "ray_actors": (1, 10_000),
 }
 
@@ -217,6 +230,7 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
                 raise ConfigError(f"{name}: {value:g} is out of range [{low:g}, {high:g}]")
     if given.get("order", "input") not in ORDERS:
         raise ConfigError(f"order: {given['order']!r} is not one of {', '.join(ORDERS)}")
+    _check_mode(given)
     if given.get("restart") and given.get("force_resume"):
         raise ConfigError("restart and force_resume contradict each other; give one")
     base = str(given["base_url"])
@@ -227,6 +241,25 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     config = RunConfig(**given)
     _check_response_format(config)
     return config
+
+
+def _check_mode(given: Mapping[str, Any]) -> None:
+    """``mode`` is live or batch; batch mode needs an endpoint with a Batch API we speak."""
+    mode = given.get("mode", "live")
+    if mode not in MODES:
+        raise ConfigError(f"mode (--mode): {mode!r} is not one of {', '.join(MODES)}")
+    endpoint = given.get("endpoint", "chat")
+    if mode == "batch" and endpoint not in BATCH_ENDPOINTS:
+        raise ConfigError(f"mode (--mode) batch is not supported for the {endpoint} endpoint "
+                          f"(batch mode speaks the OpenAI Batch API and Anthropic Message "
+                          f"Batches: {', '.join(BATCH_ENDPOINTS)}); use --mode live")
+    if mode == "batch" and given.get("engine", "live") not in ("live", "local"):
+        raise ConfigError("mode (--mode) batch sends through the provider's Batch API from "
+                          "this machine; --engine ray is for live mode: give one of them")
+    if mode != "batch":
+        for key in ("batch_max_requests", "poll_interval", "no_wait"):
+            if given.get(key):
+                raise ConfigError(f"{option_name(key)} needs --mode batch")
 
 
 def _check_response_format(config: RunConfig) -> None:

@@ -18,6 +18,9 @@ The contract, for a new engine (``--mode batch``, ``--engine ray``) in one new m
   settles the budget. An engine never writes rows itself.
 - **Progress**: the engine keeps ``job.progress.in_flight``, ``.retries`` and
   ``.rate_limited`` up to date; the job counts rows.
+- **Rows left elsewhere**: an engine that returns while rows are still being answered
+  outside this process (a provider batch, ``--no-wait``) says how many with
+  ``job.leave_pending(n)``: the run ends pending (exit 75) and a rerun collects them.
 - **Errors that end the job** (auth, quota, server down) go to ``job.abort(exc)``.
 - **Cancellation**: ``job.stop`` is set when the job stops; then the runner calls
   :meth:`Engine.stop` once (and again with ``now=True`` after the grace, or on a second
@@ -57,6 +60,8 @@ class Counters(Protocol):
     in_flight: int
     retries: int
     rate_limited: int
+    stage: str
+    """A few words on what the engine is doing (shown beside the progress bar)."""
 
 
 class Job(Protocol):
@@ -76,6 +81,10 @@ class Job(Protocol):
     def deliver(self, result: ResultRow) -> None: ...
 
     def abort(self, exc: Aborted | JobFatal) -> None: ...
+
+    def leave_pending(self, rows: int) -> None:
+        """The engine returns with ``rows`` rows still being answered elsewhere (a provider
+        batch left running by ``--no-wait``): the run ends pending, exit 75."""
 
     def first_send(self) -> None:
         """Called once, as the first request leaves (the runner warms its price table)."""

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from batcher.pricing import Price, context_window, input_cost_usd, max_cost_usd, price_for
+from batcher.pricing import (
+    Price,
+    batch_price,
+    context_window,
+    input_cost_usd,
+    max_cost_usd,
+    price_for,
+)
 from batcher.tokens import (
     APPROX_FACTOR,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -260,6 +267,7 @@ def estimate(
     price_input: float | None = None,
     price_output: float | None = None,
     prices_table: Mapping[str, Mapping[str, float]] | None = None,
+    batch: bool = False,
 ) -> EstimateReport:
     """Count and price every row's request without sending any. Streams ``rows`` in chunks
     (memory stays flat). ``rpm``/``tpm`` are the job's limits (None: unlimited),
@@ -267,7 +275,8 @@ def estimate(
 
     ``seconds_estimate`` is the largest of: rows / rpm; (input + maximum output tokens) / tpm
     (providers such as OpenAI charge ``max_tokens`` against TPM when a request is admitted);
-    rows × latency / concurrency (Little's law).
+    rows × latency / concurrency (Little's law). ``batch``: priced at the Batch API rate
+    (:func:`batcher.pricing.batch_price`; the time is then the provider's, within 24 h).
     """
     accs: dict[str | None, _Acc] = {}
     prices: dict[str | None, Price | None] = {}
@@ -280,8 +289,9 @@ def estimate(
             acc = accs.get(model)
             if acc is None:
                 acc = accs[model] = _Acc()
-                prices[model] = price_for(model, price_input=price_input,
-                                          price_output=price_output, table=prices_table)
+                price = price_for(model, price_input=price_input,
+                                  price_output=price_output, table=prices_table)
+                prices[model] = batch_price(price) if batch else price
             window = context_window(model)
             if window is not None and n_in > window:
                 n, where, _ = over.get(model, (0, f"{row.source}:{row.line}", window))
@@ -340,6 +350,9 @@ def estimate(
                                  concurrency=concurrency, latency_s=latency_s)
     notes = _notes(by_model, unknown, default_max, endpoint, rpm=rpm, tpm=tpm,
                    concurrency=concurrency, latency_s=latency_s)
+    if batch:
+        notes.insert(0, "batch mode: priced at the Batch API rate (50% of live); the time is "
+                        "the provider's, up to 24 h per batch, not the time estimated here")
     notes[:0] = [f"{n:,} row(s) exceed {model}'s context window of {window:,} tokens "
                  f"(first at {where}): the server will most likely refuse or cut them"
                  for model, (n, where, window) in over.items()]

@@ -205,6 +205,26 @@ def price_for(
                  source=OVERRIDE, matched=base.matched if base is not None else None)
 
 
+BATCH_DISCOUNT = 0.5
+"""Provider Batch APIs (OpenAI, Anthropic) charge half the live rates; genai-prices lists no
+batch rates of its own, so every batch price is the live one times this."""
+
+
+def batch_price(price: Price | None) -> Price | None:
+    """``price`` at the Batch API rate (:data:`BATCH_DISCOUNT` of every rate, tiers too)."""
+    if price is None:
+        return None
+    half = BATCH_DISCOUNT
+
+    def cut(rate: float | None) -> float | None:
+        return None if rate is None else rate * half
+
+    tiers = tuple(PriceTier(t.above, t.input_per_m * half, t.output_per_m * half,
+                            cut(t.cached_input_per_m)) for t in price.tiers)
+    return Price(price.input_per_m * half, price.output_per_m * half,
+                 cut(price.cached_input_per_m), price.source, price.matched, tiers)
+
+
 # --- costs --------------------------------------------------------------------------------
 
 

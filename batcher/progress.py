@@ -29,12 +29,15 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
     columns = (
         TextColumn("[bold]batcher"), BarColumn(bar_width=16), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[tokens]} tok"),
-        TextColumn("${task.fields[cost]}"), TextColumn("[red]{task.fields[errors]} err"),
+        # The engine's stage (batch mode: batches by state) rides on the errors column: a
+        # column of its own, empty in live mode, would take width from the counts.
+        TextColumn("${task.fields[cost]}"),
+        TextColumn("[red]{task.fields[errors]} err[/red]{task.fields[stage]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("run", total=progress.total, rate="0", tokens=0, cost="0.00",
-                            errors=0)
+                            errors=0, stage="")
         t0, base = time.monotonic(), None
         try:
             while True:
@@ -47,7 +50,8 @@ async def show_progress(progress: RunProgress, stream: TextIO) -> None:
                            rate=f"{sent / elapsed:,.0f}",
                            tokens=_running_tokens(progress.spend),
                            cost=_running_cost(progress.spend),
-                           errors=progress.error + progress.bad_rows)
+                           errors=progress.error + progress.bad_rows,
+                           stage=f" · {progress.stage}" if progress.stage else "")
                 bar.refresh()
                 await asyncio.sleep(REFRESH_S)
         except asyncio.CancelledError:

@@ -56,6 +56,7 @@ from batcher.log import get_logger
 from batcher.pricing import (
     Budget,
     Price,
+    batch_price,
     context_window,
     genai_price,
     max_cost_usd,
@@ -121,6 +122,8 @@ class Runner:
         self._streak_mark = 0
         self._successes = 0
         self._engine: Engine | None = None
+        self._left_pending = 0
+        """Rows the engine left pending at the provider (batch mode ``--no-wait``)."""
         self.consumers = config.concurrency
         """Engine workers reading the row queue (one end marker each)."""
         self._price_cache: dict[str | None, Price | None] = {}
@@ -212,6 +215,10 @@ class Runner:
                 outcome, message = "aborted", str(self._abort_error)
             elif self.stop_reason is not None:
                 outcome = "interrupted"
+            elif self._left_pending:
+                outcome = "pending"
+                message = (f"{self._left_pending:,} rows are still with the provider's Batch "
+                           "API; run the same command again to collect them")
             meta: dict[str, JSON] = {"status": outcome, "bad_rows": self.progress.bad_rows}
             if outcome == "finished":
                 # Now known: rows that can be answered (bad input rows are not pending).
@@ -264,6 +271,9 @@ class Runner:
             "system": c.system, "id_column": c.id_column, "prompt_column": c.prompt_column,
             # Only when set, so that states written before the option existed still match.
             **({"response_format": c.response_schema.digest} if c.response_schema else {}),
+            # Live and batch runs of one output must not mix: a batch's rows may be paid for
+            # at the provider while no result is here yet.
+            **({"mode": c.mode} if c.mode != "live" else {}),
         }
 
     def _check_output_writable(self) -> None:
@@ -420,8 +430,9 @@ class Runner:
     def _price(self, model: str | None) -> Price | None:
         if model not in self._price_cache:
             c = self.config
-            self._price_cache[model] = price_for(model, price_input=c.price_input,
-                                                 price_output=c.price_output, table=c.prices)
+            price = price_for(model, price_input=c.price_input,
+                              price_output=c.price_output, table=c.prices)
+            self._price_cache[model] = batch_price(price) if c.mode == "batch" else price
         return self._price_cache[model]
 
     def prepare(self, rows: list[RequestRow]) -> Prepared | list[ResultRow] | None:
@@ -498,7 +509,9 @@ class Runner:
                     for r in results:  # the last answer, to see what did not fit
                         r.output, r.finish_reason = (outcome.error.output,
                                                      outcome.error.finish_reason)
-                if isinstance(outcome.error, BadRequest):
+                # A Batch API's 4xx lines are each their own row's fault (the batch itself
+                # was accepted): written at once, never taken for a server refusing all.
+                if isinstance(outcome.error, BadRequest) and self.config.mode == "live":
                     self._refused_streak(outcome.error, results)
                     results = []
             for result in results:
@@ -564,6 +577,11 @@ class Runner:
                 "the same command to resume"))
             return
         self._held.extend(results)
+
+    def leave_pending(self, rows: int) -> None:
+        """The engine ends with ``rows`` rows still being answered elsewhere (a provider
+        batch): the run ends ``pending`` (exit 75) unless it aborted or was stopped."""
+        self._left_pending += rows
 
     def first_send(self) -> None:
         """Load the price table in a thread while the first request is on the wire (~0.2 s),
@@ -641,6 +659,8 @@ class Runner:
             code = ExitCode.ABORTED
         elif outcome == "interrupted":
             code = ExitCode.SIGTERM if self.stop_reason == "sigterm" else ExitCode.SIGINT
+        elif outcome == "pending":
+            code = ExitCode.PENDING
         else:
             code = ExitCode.OK if error == 0 and p.bad_rows == 0 else ExitCode.FAILED_ROWS
         summary = RunSummary(

@@ -215,6 +215,7 @@ class _Counters:
     in_flight = 0
     retries = 0
     rate_limited = 0
+    stage = ""
 
 
 class _SampleJob:
@@ -265,6 +266,9 @@ class _SampleJob:
         if isinstance(exc, JobFatal) and not self.fatal:
             self.fatal.append(type(exc)(self._redact(exc.message), exc.status))
         self.stop.set()
+
+    def leave_pending(self, rows: int) -> None:
+        """Never called: a sample is sent live, nothing is left with a provider."""
 
     def first_send(self) -> None:
         pass

@@ -30,6 +30,8 @@ class Progress:
     rate_limited: int = 0
     cache_hits: int = 0
     in_flight: int = 0
+    stage: str = ""
+    """What the engine is doing, in a few words (batch mode: its batches by state)."""
     started: float = field(default_factory=time.monotonic)
 
     @property

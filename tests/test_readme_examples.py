@@ -88,3 +88,29 @@ def test_readme_structured_output_example_runs_offline(tmp_path: Path) -> None:
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert set(table.column("category").to_pylist()) <= {
         "billing", "bug", "feature_request", "account", "other"}
+
+
+def test_readme_batch_mode_example_runs_offline(tmp_path: Path) -> None:
+    import shlex
+
+    block = next(b for b in _shell_blocks() if "--mode batch" in b)
+    simulate, run, status = (line.rstrip(" &") for line in block.strip().splitlines())
+    sim_args = shlex.split(simulate)
+    assert sim_args[:2] == ["batcher", "simulate"]
+    seconds = float(sim_args[sim_args.index("--batch-seconds") + 1])
+    fail = float(sim_args[sim_args.index("--batch-fail-rate") + 1])
+    args = shlex.split(run)
+    assert args[:2] == ["batcher", "run"]
+    out = tmp_path / "batch.parquet"
+    with SimulatorThread(SimConfig(batch_seconds=seconds, batch_fail_rate=fail)) as sim:
+        args = [sim.base_url if a.startswith("http://127.0.0.1:8000") else a for a in args[1:]]
+        args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+        args[args.index("-o") + 1] = str(out)
+        result = run_cli(*args, "--no-progress")
+        assert result.exit_code == 0, result.stderr
+        assert sim.stats.batches.creates >= 1
+        shown = run_cli(*shlex.split(status)[1:-1], out)
+        assert shown.exit_code == 0 and "completed" in shown.stdout
+    table = pq.read_table(out)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert table.num_rows == 20 and None not in table.column("batch_id").to_pylist()

@@ -11,8 +11,13 @@ RAY_INSTALL = "pip install 'batcher[ray]'"
 
 
 def get_engine(config: RunConfig) -> Engine:
-    """The engine for ``config.engine``: ``live`` (this process) or ``ray`` (a Ray cluster;
-    without Ray installed a ConfigError, exit 2, that names the install command)."""
+    """The engine for ``config``: ``--mode batch`` → the provider Batch APIs; else by
+    ``config.engine``: ``live`` (this process) or ``ray`` (a Ray cluster; without Ray
+    installed a ConfigError, exit 2, that names the install command)."""
+    if config.mode == "batch":
+        from batcher.engines.batch import BatchEngine
+
+        return BatchEngine(config)
     if config.engine == "ray":
         try:
             module = importlib.import_module("batcher.engines.ray")

@@ -23,7 +23,9 @@ A cut (``cut-stream``) sends about half of a stream (never its ``[DONE]``/``mess
 and closes the connection; on a request that is not streamed it sends half of the JSON body
 under the full Content-Length. A drop reads the request and closes the connection; a hang
 holds it until the client gives up or the server shuts down (then the connection closes).
-Unknown paths answer an OpenAI-style 404 JSON and are not counted in the stats.
+The Batch APIs (``/v1/files``, ``/v1/batches``, ``/v1/messages/batches``; see
+:mod:`batcher.simulator.batches`) go through steps 3 and 4 only. Unknown paths answer an
+OpenAI-style 404 JSON and are not counted in the stats.
 
 Rate-limit headers go on every answer that reached step 6: ``x-ratelimit-limit-*`` (the
 per-minute figure), ``x-ratelimit-remaining-*`` (left in this one-second slice) and
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import itertools
@@ -53,6 +56,7 @@ import orjson
 from aiohttp import web
 
 from batcher.simulator import parse, wire
+from batcher.simulator.batches import BatchSim
 from batcher.simulator.config import RATE_FIELDS, ScriptItem, SimConfig
 from batcher.simulator.limits import IntervalLimiter, SliceLimiter
 from batcher.simulator.parse import DEFAULT_MODEL, Invalid, Parser, Plan
@@ -184,11 +188,28 @@ def make_app(config: SimConfig, *, clock: Callable[[], float] = time.monotonic,
     gemini = _endpoint("gemini", parse.parse_gemini)
     router.add_post("/v1beta/models/{call}", gemini)
     router.add_post("/v1/models/{call}", gemini)
+    if config.batch_api:
+        BatchSim(state, state.stats, clock=clock, seconds=config.batch_seconds,
+                 fail_rate=config.batch_fail_rate, expire_rate=config.batch_expire_rate,
+                 cancel_rate=config.batch_cancel_rate, seed=config.seed,
+                 ).add_routes(router, functools.partial(_guard, state))
     router.add_get("/v1/models", _list_models)
     router.add_get("/_stats", _get_stats)
     router.add_route("*", "/{tail:.*}", _not_found)
     app.on_shutdown.append(_release_hung)
     return app
+
+
+def _guard(state: _State, request: web.Request, dialect: wire.Dialect) -> web.Response | None:
+    """The checks every route makes before its own (steps 3 and 4 above): key, quota."""
+    stats = state.stats
+    stats.requests += 1
+    stats.by_path[request.path] = stats.by_path.get(request.path, 0) + 1
+    if state.config.require_key is not None and not _has_key(request, state.config.require_key):
+        return state.reply(401, wire.error_body(dialect, 401))
+    if state.config.quota_exhausted:
+        return state.reply(429, wire.quota_body(dialect))
+    return None
 
 
 async def _release_hung(app: web.Application) -> None:

@@ -114,9 +114,14 @@ class SimConfig:
     strict_rpm: float | None = None
     strict_retry_after: float | None = None
     rate_bad_schema: float = 0.0
+    batch_seconds: float = 0.0
+    batch_fail_rate: float = 0.0
+    batch_expire_rate: float = 0.0
+    batch_cancel_rate: float = 0.0
+    batch_api: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("latency_ms", "jitter_ms", "retry_after_s"):
+        for name in ("latency_ms", "jitter_ms", "retry_after_s", "batch_seconds"):
             _check_number(name, getattr(self, name), low=0.0)
         for name in ("rpm", "tpm", "strict_rpm"):
             value = getattr(self, name)
@@ -128,7 +133,11 @@ class SimConfig:
             _check_number("strict_retry_after", self.strict_retry_after, low=0.0)
             if self.strict_rpm is None:
                 raise ValueError("--strict-retry-after needs --strict-rpm")
-        for name in (*RATE_FIELDS, "rate_bad_schema"):
+        batch_rates = ("batch_fail_rate", "batch_expire_rate", "batch_cancel_rate")
+        if sum(getattr(self, name) for name in batch_rates) > 1.0 + 1e-9:
+            raise ValueError("--batch-fail-rate, --batch-expire-rate and --batch-cancel-rate "
+                             "must add up to at most 1")
+        for name in (*RATE_FIELDS, "rate_bad_schema", *batch_rates):
             _check_number(name, getattr(self, name), low=0.0, high=1.0)
         total = sum(getattr(self, name) for name in RATE_FIELDS)
         if total > 1.0 + 1e-9:
@@ -217,6 +226,17 @@ SIM_OPTIONS: tuple[SimOption, ...] = (
               "JSON, or a required property missing); the others fit it."),
     SimOption("omit_stream_usage", "--omit-stream-usage", bool,
               "Streams (chat, completions) carry no usage, even when include_usage asks."),
+    SimOption("batch_seconds", "--batch-seconds", float,
+              "Batch APIs: seconds a batch takes to end (its counts grow meanwhile)."),
+    SimOption("batch_fail_rate", "--batch-fail-rate", float,
+              "Batch APIs: share of lines answered 500, the first time a custom_id is seen."),
+    SimOption("batch_expire_rate", "--batch-expire-rate", float,
+              "Batch APIs: share of lines left unanswered (the batch expires), first time."),
+    SimOption("batch_cancel_rate", "--batch-cancel-rate", float,
+              "Batch APIs: share of lines left unanswered (the batch is cancelled), first "
+              "time."),
+    SimOption("batch_api", "--no-batch-api", bool,
+              "Serve no Batch API (its routes answer 404, as a live-only server)."),
 )
 
 

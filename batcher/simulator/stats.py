@@ -8,6 +8,28 @@ from batcher.types import JSON
 
 
 @dataclass(slots=True)
+class BatchCounters:
+    """The Batch API routes' counters: files uploaded, batches created (``creates_by_part``
+    keyed ``JOB:PART`` from the create's ``batcher_job``/``batcher_part`` metadata), lines
+    received, cancels, polls (``GET`` of one batch) and the largest input in bytes."""
+
+    files: int = 0
+    creates: int = 0
+    creates_by_part: dict[str, int] = field(default_factory=dict)
+    lines: int = 0
+    cancels: int = 0
+    polls: int = 0
+    largest_input: int = 0
+    """Bytes of the largest batch input received (an uploaded file, an Anthropic create)."""
+
+    def as_dict(self) -> dict[str, JSON]:
+        return {"files": self.files, "creates": self.creates,
+                "creates_by_part": dict(self.creates_by_part), "lines": self.lines,
+                "cancels": self.cancels, "polls": self.polls,
+                "largest_input": self.largest_input}
+
+
+@dataclass(slots=True)
 class Stats:
     """Counters of one simulator app, mutated only by its event loop.
 
@@ -45,6 +67,7 @@ class Stats:
     resent_after_ok: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    batches: BatchCounters = field(default_factory=BatchCounters)
 
     def record_ok(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.ok += 1
@@ -78,4 +101,5 @@ class Stats:
             "resent_after_ok": self.resent_after_ok,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "batches": self.batches.as_dict(),
         }

@@ -1,0 +1,514 @@
+"""Batch mode (issue 12) end to end through the CLI against the simulator's Batch APIs.
+
+Batches end on the simulator's clock: a manual one here, advanced by the tests, so nothing
+waits on real time (``--poll-interval`` is tiny; a batch with ``batch_seconds=0`` has ended
+by the first poll).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batcher.engines.batch.openai import OpenAIBatches
+from batcher.pricing import price_for
+from batcher.simulate import SimConfig, SimulatorThread, answer_text, make_app
+from tests.conftest import prompts, read_output, run_cli, write_jsonl
+
+
+class ManualClock:
+    """The simulator's clock: moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def batch_sim() -> Iterator[Callable[..., tuple[SimulatorThread, ManualClock]]]:
+    started: list[SimulatorThread] = []
+
+    def start(**fields: Any) -> tuple[SimulatorThread, ManualClock]:
+        clock = ManualClock()
+        sim = SimulatorThread(SimConfig(**fields))
+        sim.app = make_app(sim.config, clock=clock)
+        sim.__enter__()
+        started.append(sim)
+        return sim, clock
+
+    yield start
+    for sim in started:
+        sim.__exit__(None, None, None)
+
+
+def _args(sim: SimulatorThread, src: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", str(src), "-o", str(out), "--base-url", sim.base_url, "--model",
+            "gpt-4o-mini", "--mode", "batch", "--poll-interval", "0.01", "--no-progress",
+            *extra]
+
+
+def _batches(sim: SimulatorThread) -> dict[str, Any]:
+    counters: dict[str, Any] = sim.stats.batches.as_dict()
+    return counters
+
+
+def _by_id(out: Path) -> dict[str, dict[str, Any]]:
+    rows = read_output(out)
+    assert len(rows) == len({r["id"] for r in rows}), "an id is in the output twice"
+    return {str(r["id"]): r for r in rows}
+
+
+def test_split_by_count_maps_reversed_results_back_at_the_batch_price(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    rows = prompts(7)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    result = run_cli(*_args(sim, src, out, "--batch-max-requests", "3"))
+    assert result.exit_code == 0, result.stderr
+    counters = _batches(sim)
+    assert counters["creates"] == 3 and counters["lines"] == 7   # 3 + 3 + 1
+    assert all(n == 1 for n in counters["creates_by_part"].values())
+    got = _by_id(out)
+    price = price_for("gpt-4o-mini")
+    assert price is not None
+    for row in rows:
+        answer = got[row["id"]]
+        # The simulator writes results in reverse order: only custom_id mapping gets this.
+        assert answer["status"] == "ok"
+        assert answer["output"] == answer_text(row["prompt"], 16)
+        assert answer["batch_id"].startswith("batch_")
+        live = (answer["prompt_tokens"] * price.input_per_m
+                + answer["completion_tokens"] * price.output_per_m) / 1e6
+        assert answer["cost_usd"] == pytest.approx(live / 2)
+        assert answer["prompt"] == row["prompt"]           # input columns carried through
+    assert len({r["batch_id"] for r in got.values()}) == 3
+
+
+def test_split_by_bytes_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]
+                             ) -> None:
+    sim, _ = batch_sim()
+    cap = 600
+    monkeypatch.setattr(OpenAIBatches, "max_bytes", cap)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    out = tmp_path / "out.parquet"
+    result = run_cli(*_args(sim, src, out))
+    assert result.exit_code == 0, result.stderr
+    counters = _batches(sim)
+    assert counters["largest_input"] <= cap
+    line = len(OpenAIBatches().line("r0", "/v1/chat/completions", _request("r0")))
+    assert counters["creates"] >= 12 // (cap // line)
+    assert counters["creates"] > 1 and counters["lines"] == 12
+    assert len(_by_id(out)) == 12
+
+
+def _request(row_id: str) -> Any:
+    from batcher.providers import get_provider
+    from batcher.types import RequestContext, RequestRow
+
+    row = RequestRow(id=row_id, shape="prompt", source="x", line=1,
+                     prompt="Say something about item number 0")
+    return get_provider("chat").build_request(row, RequestContext("http://x/v1", "gpt-4o-mini"))
+
+
+def test_failed_expired_and_cancelled_lines_are_sent_again(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(batch_fail_rate=0.25, batch_expire_rate=0.25, batch_cancel_rate=0.2,
+                       seed=3)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(40))
+    out = tmp_path / "out.parquet"
+    result = run_cli(*_args(sim, src, out, "--batch-max-requests", "10"))
+    assert result.exit_code == 0, result.stderr
+    got = _by_id(out)
+    assert len(got) == 40 and all(r["status"] == "ok" for r in got.values())
+    retried = [r for r in got.values() if r["attempts"] == 2]
+    assert len(retried) >= 10          # ~70% of 40 lines failed, expired or were cancelled
+    counters = _batches(sim)
+    assert counters["lines"] == 40 + len(retried)       # only the failed lines sent again
+    assert sim.stats.ok == 40                             # nothing answered twice
+
+
+def test_4xx_lines_are_errors_and_batch_lines_group_by_url(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    lines = [
+        {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}},
+        {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "text-embedding-3-small", "input": "hello"}},
+        {"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o-mini", "messages": []}},                 # refused: 400
+        {"custom_id": "e2", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "text-embedding-3-small", "input": "world"}},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.parquet"
+    result = run_cli(*_args(sim, src, out))
+    assert result.exit_code == 1, result.stderr
+    assert _batches(sim)["creates"] == 2                 # one batch per url
+    got = _by_id(out)
+    assert got["c1"]["status"] == "ok" and got["c1"]["output"]
+    assert got["e1"]["status"] == "ok" and len(got["e1"]["embedding"]) > 0
+    assert got["c2"]["status"] == "error" and got["c2"]["http_status"] == 400
+    assert got["c2"]["attempts"] == 1                   # a 4xx line is not sent again
+    assert got["e2"]["status"] == "ok"
+
+
+def _ledger_events(out: Path) -> list[dict[str, Any]]:
+    path = out.with_name(out.name + ".state") / "batches" / "ledger.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_created(out: Path, proc: subprocess.Popen[str], parts: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sum(e["event"] == "created" for e in _ledger_events(out)) >= parts:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the batches were never created")
+
+
+@pytest.mark.parametrize("lose_ids", [False, True], ids=["ids-written", "ids-lost"])
+def test_kill_9_after_submission_then_resume_submits_nothing_twice(
+        tmp_path: Path, lose_ids: bool,
+        batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=100)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(9))
+    out = tmp_path / "out.parquet"
+    args = _args(sim, src, out, "--batch-max-requests", "4")
+    proc = subprocess.Popen([sys.executable, "-m", "batcher", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_created(out, proc, parts=3)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=30)
+    if lose_ids:
+        # The instant between "create returned" and "id written": the ledger knows the parts
+        # but not their batch ids; the resume must find them by their metadata.
+        ledger = out.with_name(out.name + ".state") / "batches" / "ledger.jsonl"
+        kept = [e for e in _ledger_events(out) if e["event"] != "created"]
+        ledger.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    assert _batches(sim)["creates"] == 3
+    clock.now = 1000.0                      # the provider has finished them meanwhile
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    counters = _batches(sim)
+    assert counters["creates"] == 3 and counters["lines"] == 9
+    assert sorted(counters["creates_by_part"].values()) == [1, 1, 1]
+    assert sorted(_by_id(out)) == sorted(r["id"] for r in prompts(9))
+
+
+def test_no_wait_exits_75_then_the_same_command_collects(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=60)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    out = tmp_path / "out.parquet"
+    args = _args(sim, src, out, "--no-wait")
+    first = run_cli(*args)
+    assert first.exit_code == 75, first.stderr
+    # The collect command (in-process the CLI knows only its own arguments' gist).
+    assert "run the same command again to collect them: batcher run" in first.stderr
+    assert not out.exists()
+    status = run_cli("status", out, "--json")
+    listing = json.loads(status.stdout)["batches"]
+    assert [b["state"] for b in listing] == ["in_progress"]
+    again = run_cli(*args)                            # still running: still 75, no new batch
+    assert again.exit_code == 75, again.stderr
+    assert _batches(sim)["creates"] == 1
+    clock.now = 61.0
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.stderr
+    assert len(_by_id(out)) == 5 and _batches(sim)["creates"] == 1
+    listing = json.loads(run_cli("status", out, "--json").stdout)["batches"]
+    assert listing[0]["state"] == "completed" and listing[0]["counts"]["completed"] == 5
+
+
+def test_cancel_keeps_what_finished_and_the_rerun_sends_the_rest(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=10)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(10))
+    out = tmp_path / "out.parquet"
+    args = _args(sim, src, out, "--no-wait")
+    assert run_cli(*args).exit_code == 75
+    clock.now = 5.0                                  # half of the lines are done
+    cancelled = run_cli("cancel", out)
+    assert cancelled.exit_code == 0, cancelled.stderr
+    assert "cancelled 1 batch" in cancelled.stdout
+    assert f"batcher run {src} -o {out}" in cancelled.stdout       # the command to collect
+    assert _batches(sim)["cancels"] == 1
+    result = run_cli(*args)        # collects the 5 finished; the other 5 go in a new batch
+    assert result.exit_code == 75, result.stderr
+    clock.now = 100.0
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    got = _by_id(out)
+    assert len(got) == 10 and all(r["status"] == "ok" for r in got.values())
+    assert sorted(r["attempts"] for r in got.values()) == [1] * 5 + [2] * 5
+    assert _batches(sim)["lines"] == 15
+
+
+def test_server_without_batch_api_exits_2(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(batch_api=False)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    result = run_cli(*_args(sim, src, tmp_path / "out.parquet"))
+    assert result.exit_code == 2
+    assert "has no Batch API" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_key_exits_3(tmp_path: Path,
+                         batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(require_key="sk-right")
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    result = run_cli(*_args(sim, src, tmp_path / "out.parquet"),
+                     env={"OPENAI_API_KEY": "sk-wrong"})
+    assert result.exit_code == 3, result.stderr
+    assert "HTTP 401" in result.stderr and "sk-wrong" not in result.stderr
+    assert _batches(sim)["creates"] == 0
+
+
+def test_quota_exits_3(tmp_path: Path,
+                       batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(quota_exhausted=True)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    result = run_cli(*_args(sim, src, tmp_path / "out.parquet"))
+    assert result.exit_code == 3, result.stderr
+    assert "quota" in result.stderr
+
+
+def test_max_cost_reserves_a_whole_batch_before_submitting_it(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    out = tmp_path / "out.parquet"
+    # $1 per 1M tokens live, $0.5 batch; each row reserves ~(input + 100) tokens at the batch
+    # price: the first batch of 3 fits under the cap, the second does not.
+    args = _args(sim, src, out, "--batch-max-requests", "3", "-p", "max_tokens=100",
+                 "--price-input", "1", "--price-output", "1", "--max-cost", "0.00025")
+    result = run_cli(*args)
+    assert result.exit_code == 3, result.stderr
+    assert "budget" in result.stderr
+    counters = _batches(sim)
+    assert counters["creates"] == 1 and counters["lines"] == 3
+
+
+def test_anthropic_ids_that_do_not_fit_are_mapped_back(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(batch_fail_rate=0.5, seed=1)
+    rows = [{"id": f"row {i}/ü", "prompt": f"Tell me about {i}"} for i in range(6)]
+    rows.append({"id": "plain_id-7", "prompt": "Tell me about 7"})
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    result = run_cli("run", src, "-o", out, "--base-url", sim.base_url, "--endpoint",
+                     "anthropic", "--model", "claude-3-5-haiku-latest", "--mode", "batch",
+                     "-p", "max_tokens=64", "--poll-interval", "0.01", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    got = _by_id(out)
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    for row in rows:
+        assert got[row["id"]]["status"] == "ok"
+        assert got[row["id"]]["output"] == answer_text(row["prompt"], 16)
+        assert got[row["id"]]["batch_id"].startswith("msgbatch_")
+    assert any(r["attempts"] == 2 for r in got.values())      # errored lines sent again
+
+
+def test_gemini_batch_mode_exits_2(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--endpoint", "gemini",
+                     "--model", "gemini-2.0-flash", "--mode", "batch")
+    assert result.exit_code == 2
+    assert "not supported for the gemini endpoint" in result.stderr
+
+
+def test_estimate_prices_batch_mode_at_half(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    base = ["--model", "gpt-4o-mini", "-p", "max_tokens=50", "--json"]
+    live = json.loads(run_cli("estimate", src, *base).stdout)
+    batch = json.loads(run_cli("estimate", src, *base, "--mode", "batch").stdout)
+    dry = json.loads(run_cli("run", src, "-o", tmp_path / "o.parquet", "--dry-run",
+                             "--mode", "batch", *base).stdout)
+    for key in ("cost_usd_input", "cost_usd_max"):
+        assert batch[key] == pytest.approx(live[key] / 2)
+        assert dry[key] == pytest.approx(live[key] / 2)
+
+
+def test_ctrl_c_while_waiting_stops_polling_and_exits_130(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=100)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    out = tmp_path / "out.parquet"
+    args = _args(sim, src, out)
+    proc = subprocess.Popen([sys.executable, "-m", "batcher", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_created(out, proc, parts=1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "resume with" in stderr and "Traceback" not in stderr
+    assert _batches(sim)["cancels"] == 0            # the batch keeps running at the provider
+    clock.now = 1000.0
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert _batches(sim)["creates"] == 1 and len(_by_id(out)) == 4
+
+
+def test_job_file_mode_batch(tmp_path: Path,
+                             batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    job = tmp_path / "nightly.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{job}}.parquet"\n'
+                   f'model = "gpt-4o-mini"\nbase_url = "{sim.base_url}"\nmode = "batch"\n'
+                   'poll_interval = 0.01\nbatch_max_requests = 2\nno_report = true\n')
+    result = run_cli("run", job, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert _batches(sim)["creates"] == 2
+    assert len(_by_id(tmp_path / "out" / "nightly.parquet")) == 4
+
+
+def _failing_batches_app() -> tuple[Any, dict[str, int]]:
+    """A server speaking the OpenAI Batch wire whose every batch fails validation."""
+    from aiohttp import web
+
+    counts = {"creates": 0}
+
+    async def upload(request: web.Request) -> web.Response:
+        await request.post()
+        return web.json_response({"id": "file-1", "object": "file", "purpose": "batch"})
+
+    async def create(request: web.Request) -> web.Response:
+        counts["creates"] += 1
+        return web.json_response({"id": f"batch_{counts['creates']}", "object": "batch",
+                                  "status": "validating", "created_at": int(time.time()),
+                                  "request_counts": {"total": 0, "completed": 0, "failed": 0}})
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response({
+            "id": request.match_info["id"], "object": "batch", "status": "failed",
+            "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
+            "errors": {"object": "list", "data": [{
+                "code": "model_not_found", "line": 1, "param": "body.model",
+                "message": "The model 'gpt-nope' does not exist."}]},
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}})
+
+    app = web.Application()
+    app.router.add_post("/v1/files", upload)
+    app.router.add_post("/v1/batches", create)
+    app.router.add_get("/v1/batches/{id}", get)
+    return app, counts
+
+
+def test_a_batch_that_fails_as_a_whole_is_reported_not_looped(tmp_path: Path) -> None:
+    sim = SimulatorThread(SimConfig())
+    sim.app, counts = _failing_batches_app()
+    with sim:
+        src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+        out = tmp_path / "out.parquet"
+        result = run_cli(*_args(sim, src, out, "--model", "gpt-nope"))
+        assert result.exit_code == 1, result.stderr
+        assert counts["creates"] == 1          # not submitted again
+        again = run_cli(*_args(sim, src, out, "--model", "gpt-nope"))
+        assert again.exit_code == 1 and counts["creates"] == 1     # done rows stay done
+        retry = run_cli(*_args(sim, src, out, "--model", "gpt-nope", "--retry-failed"))
+        assert retry.exit_code == 1 and counts["creates"] == 2     # sent again when asked
+    got = _by_id(out)
+    for row in got.values():
+        assert row["status"] == "error" and row["batch_id"] == "batch_2"
+        assert "failed: model_not_found: The model 'gpt-nope' does not exist." in row["error"]
+
+
+def test_status_says_when_the_provider_cannot_be_asked(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out.parquet"
+    with SimulatorThread(SimConfig(batch_seconds=3600)) as sim:
+        assert run_cli(*_args(sim, src, out, "--no-wait")).exit_code == 75
+    shown = run_cli("status", out)                    # the server is gone now
+    assert shown.exit_code == 0, shown.stderr
+    assert "batches  1" in shown.stdout and "in_progress" in shown.stdout
+    assert "states as last seen: the provider could not be asked" in shown.stdout
+    cancelled = run_cli("cancel", out)
+    assert cancelled.exit_code == 3 and "Traceback" not in cancelled.stderr
+
+
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+def test_a_batch_line_never_asks_for_a_stream(wire: str) -> None:
+    import orjson
+
+    from batcher.engines.batch.anthropic import AnthropicBatches
+    from batcher.types import HttpRequest
+
+    body = orjson.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                         "messages": [{"role": "user", "content": "hi"}]})
+    request = HttpRequest("POST", "http://x/v1/chat/completions", {}, body)
+    batches = OpenAIBatches() if wire == "openai" else AnthropicBatches()
+    line = orjson.loads(batches.line("c-1", "/v1/chat/completions", request))
+    sent = line["body"] if wire == "openai" else line["params"]
+    assert line["custom_id"] == "c-1" and "stream" not in sent
+    assert sent["messages"] == [{"role": "user", "content": "hi"}]
+    if wire == "openai":
+        assert line["method"] == "POST" and line["url"] == "/v1/chat/completions"
+        assert "stream_options" not in sent
+
+
+def test_poll_intervals_back_off_from_10_to_60_seconds_unless_given() -> None:
+    import itertools
+
+    from batcher.engines.batch.engine import poll_intervals
+
+    assert list(itertools.islice(poll_intervals(None), 7)) == [
+        10.0, 15.0, 22.5, 33.75, 50.625, 60.0, 60.0]
+    assert list(itertools.islice(poll_intervals(2.5), 3)) == [2.5, 2.5, 2.5]
+
+
+def test_a_matrix_with_a_pending_run_exits_75(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=10)
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    job = tmp_path / "matrix.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{model}}.parquet"\n'
+                   f'models = ["gpt-4o-mini", "gpt-4o"]\nbase_url = "{sim.base_url}"\n'
+                   'mode = "batch"\nno_wait = true\npoll_interval = 0.01\nno_report = true\n')
+    first = run_cli("run", job, "--no-progress")
+    assert first.exit_code == 75, first.stderr
+    assert _batches(sim)["creates"] == 2
+    clock.now = 11.0
+    done = run_cli("run", job, "--no-progress")
+    assert done.exit_code == 0, done.stderr
+    assert _batches(sim)["creates"] == 2
+
+
+def test_batch_mode_on_ray_exits_2(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--model", "gpt-4o-mini",
+                     "--mode", "batch", "--engine", "ray")
+    assert result.exit_code == 2
+    assert "--engine ray is for live mode" in result.stderr
+
+
+async def test_the_progress_bar_shows_the_batches_by_state() -> None:
+    from batcher.summary import Progress
+    from tests.test_progress import _bar_text
+
+    progress = Progress(total=10, ok=4, stage="batches: 1 completed, 2 in_progress")
+    text = await _bar_text(progress)
+    assert "0 err · batches: 1 completed" in " ".join(text.split())
