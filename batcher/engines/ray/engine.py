@@ -146,7 +146,7 @@ class RayEngine(LiveEngine):
 
     def _start_actors(self) -> None:
         config = self.config
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
         count = config.ray_actors or max(1, int(cpus))
         run = uuid.uuid4().hex[:12]
         limiter = f"limiter-{run}"
