@@ -512,3 +512,23 @@ async def test_the_progress_bar_shows_the_batches_by_state() -> None:
     progress = Progress(total=10, ok=4, stage="batches: 1 completed, 2 in_progress")
     text = await _bar_text(progress)
     assert "0 err · batches: 1 completed" in " ".join(text.split())
+
+
+def test_the_key_and_secret_headers_are_nowhere_in_the_state_output_or_summary(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    # Batch mode keeps more on disk than live mode (a ledger, the lines of every part): none
+    # of it may hold the key or a secret header's value, whether the run ends or waits.
+    key, token = "sk-batch-key-0123456789", "tok-secret-9876543210"
+    sim, _ = batch_sim(require_key=key)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    out = tmp_path / "out.parquet"
+    result = run_cli(*_args(sim, src, out, "--header", f"X-Api-Token: {token}"),
+                     env={"OPENAI_API_KEY": key})
+    assert result.exit_code == 0, result.stderr
+    assert len(_by_id(out)) == 5
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != src]
+    assert any("state" in str(p) for p in files) and any(p.suffix == ".json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert key.encode() not in data and token.encode() not in data, path
+    assert key not in result.stdout + result.stderr and token not in result.stdout + result.stderr
