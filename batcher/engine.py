@@ -104,3 +104,15 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[RunConfig], Engine]
+
+
+def prepared_to_send(job: Job, rows: list[RequestRow]) -> Prepared | None:
+    """``job.prepare(rows)``, with the results it already has (a cache hit, an input error)
+    handed to ``job.deliver``: the request to send, or None when there is none (the rows are
+    done, or the budget refused and ``job.stop`` is set)."""
+    prepared = job.prepare(rows)
+    if isinstance(prepared, list):
+        for result in prepared:
+            job.deliver(result)
+        return None
+    return prepared

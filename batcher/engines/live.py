@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from batcher.config import RunConfig
-from batcher.engine import Job
+from batcher.engine import Job, prepared_to_send
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
@@ -95,12 +95,8 @@ class LiveEngine:
         return group, None, False
 
     async def _send(self, rows: list[RequestRow], job: Job) -> None:
-        prepared = job.prepare(rows)
+        prepared = prepared_to_send(job, rows)
         if prepared is None:
-            return
-        if isinstance(prepared, list):
-            for result in prepared:
-                job.deliver(result)
             return
         assert self._sender is not None
         outcome: Sent | Failed | None = None

@@ -129,7 +129,8 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
                         yield rule.take()
                     continue
                 line = 0
-                for batch in _record_batches_of(parquet_file, str(file), column):
+                for batch in _record_batches(parquet_file, str(file), 65_536,
+                                             columns=[column], use_threads=False):
                     rule.start()
                     for value in batch.column(0).to_pylist():
                         line += 1
@@ -230,21 +231,6 @@ def _row_group_sizes(parquet_file: pq.ParquetFile) -> Iterator[int]:
     metadata = parquet_file.metadata
     for index in range(metadata.num_row_groups):
         yield metadata.row_group(index).num_rows
-
-
-def _record_batches_of(parquet_file: pq.ParquetFile, source: str,
-                       column: str) -> Iterator[pa.RecordBatch]:
-    """One column's record batches; decoding errors become InputError."""
-    iterator = iter(parquet_file.iter_batches(batch_size=65_536, columns=[column],
-                                              use_threads=False))
-    while True:
-        try:
-            record_batch = next(iterator)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise InputError(source, f"cannot read Parquet: {_short(exc)}") from exc
-        yield record_batch
 
 
 def count_rows(path: Path) -> int:
@@ -459,10 +445,13 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
-def _record_batches(parquet_file: pq.ParquetFile, source: str,
-                    batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of one file; decoding errors (corrupt pages) become InputError."""
-    batches: Iterable[pa.RecordBatch] = parquet_file.iter_batches(batch_size=batch_size)
+def _record_batches(parquet_file: pq.ParquetFile, source: str, batch_size: int, *,
+                    columns: list[str] | None = None,
+                    use_threads: bool = True) -> Iterator[pa.RecordBatch]:
+    """Record batches of one file (of ``columns`` only, when given); decoding errors
+    (corrupt pages) become InputError."""
+    batches: Iterable[pa.RecordBatch] = parquet_file.iter_batches(
+        batch_size=batch_size, columns=columns, use_threads=use_threads)
     iterator = iter(batches)
     while True:
         try:

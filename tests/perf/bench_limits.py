@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +264,14 @@ SCENARIOS = {"rpm": bench_rpm, "rpm3": bench_rpm3, "rpm5xx": bench_rpm5xx,
              "faults": bench_faults, "abort": bench_abort, "storm": bench_storm}
 
 
-def main() -> int:
-    names = sys.argv[1:] or ["rpm", "faults", "abort"]
-    unknown = [n for n in names if n not in SCENARIOS]
+def run_scenarios(scenarios: dict[str, Callable[[Path], bool]], default: list[str]) -> int:
+    """Run the scenarios named on the command line (else ``default``), each in its own
+    temporary folder; exit status 0 when every one met its targets, 1 if not, 2 for an
+    unknown name."""
+    names = sys.argv[1:] or default
+    unknown = [n for n in names if n not in scenarios]
     if unknown:
-        print(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}",
+        print(f"unknown scenario {unknown[0]!r}; choose from {', '.join(scenarios)}",
               file=sys.stderr)
         return 2
     all_ok = True
@@ -275,8 +279,12 @@ def main() -> int:
         for name in names:
             folder = Path(d) / name
             folder.mkdir()
-            all_ok = SCENARIOS[name](folder) and all_ok
+            all_ok = scenarios[name](folder) and all_ok
     return 0 if all_ok else 1
+
+
+def main() -> int:
+    return run_scenarios(SCENARIOS, ["rpm", "faults", "abort"])
 
 
 if __name__ == "__main__":

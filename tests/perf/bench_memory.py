@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
 from tests.perf.bench_limits import Simulator, pinned
+from tests.perf.bench_resume_cli import time_first_request
 
 LIMIT_MB = 300.0
 SLOPE = 1.15  # 10M rows within 1.15x of the 1M-row figure
@@ -146,18 +147,9 @@ def bench_resume(tmp: Path, rows: int, pending: int = 1_000) -> None:
               f"{time.perf_counter() - t0:,.0f} s", flush=True)
         cmd = [sys.executable, "-c", WRAP, "run", str(src), "-o", str(out), "--base-url",
                sim.base_url, "--model", "gpt-4o-mini", "--no-progress", "--log-format", "json"]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        first = None
-        while proc.poll() is None:
-            if first is None and sim.stats.requests > 0:
-                first = time.perf_counter() - t0
-            time.sleep(0.01)
-        total = time.perf_counter() - t0
-        stderr = proc.stderr.read() if proc.stderr else ""
+        code, stderr, first, total = time_first_request(cmd, sim)
         lines = stderr.strip().splitlines()
-        if proc.returncode not in (0, 1):  # 1: the built state holds 1% error rows
+        if code not in (0, 1):  # 1: the built state holds 1% error rows
             raise SystemExit(stderr[-2000:])
         rss = int(lines[-1]) / 1024 * 1.048576
         first_ok = first is not None and first < 10

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from bench_limits import (  # a sibling script, not a package
     exactly_once,
     make_input,
     run_client,
+    run_scenarios,
 )
 
 
@@ -119,19 +119,7 @@ SCENARIOS: dict[str, Callable[[Path], bool]] = {
 
 
 def main() -> int:
-    names = sys.argv[1:] or ["throughput", "rate"]
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        print(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}",
-              file=sys.stderr)
-        return 2
-    all_ok = True
-    with tempfile.TemporaryDirectory() as d:
-        for name in names:
-            folder = Path(d) / name
-            folder.mkdir()
-            all_ok = SCENARIOS[name](folder) and all_ok
-    return 0 if all_ok else 1
+    return run_scenarios(SCENARIOS, ["throughput", "rate"])
 
 
 if __name__ == "__main__":

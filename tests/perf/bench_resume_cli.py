@@ -24,6 +24,22 @@ from batcher.simulate import SimConfig, SimulatorThread
 from tests.perf.bench_resume import build
 
 
+def time_first_request(cmd: list[str], sim: SimulatorThread) -> tuple[int, str, float | None,
+                                                                      float]:
+    """Run ``cmd`` to its end, watching ``sim``: (exit code, stderr, seconds to the first
+    request the simulator saw or None, seconds in all)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    while proc.poll() is None:
+        if first is None and sim.stats.requests > 0:
+            first = time.perf_counter() - t0
+        time.sleep(0.01)
+    total = time.perf_counter() - t0
+    stderr = proc.stderr.read() if proc.stderr else ""
+    return proc.returncode, stderr, first, total
+
+
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     done = int(sys.argv[2]) if len(sys.argv) > 2 else 999_000
@@ -40,16 +56,9 @@ def main() -> None:
         build(out, done)
         cmd = [sys.executable, "-m", "batcher", "run", str(src), "-o", str(out), "--base-url",
                sim.base_url, "--model", "gpt-4o-mini", "--no-progress", "--log-format", "json"]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        first = None
-        while proc.poll() is None:
-            if first is None and sim.stats.requests > 0:
-                first = time.perf_counter() - t0
-            time.sleep(0.01)
-        total = time.perf_counter() - t0
-        if proc.returncode not in (0, 1):  # 1: the built state holds 1% error rows
-            raise SystemExit(proc.stderr.read().decode()[-2000:] if proc.stderr else "failed")
+        code, stderr, first, total = time_first_request(cmd, sim)
+        if code not in (0, 1):  # 1: the built state holds 1% error rows
+            raise SystemExit(stderr[-2000:] or "failed")
         first_s = f"{first:.2f} s" if first is not None else "n/a"
         print(f"resume: {rows:,} rows, {done:,} done: first request after {first_s}, "
               f"{sim.stats.requests:,} sent, whole run incl. finalize {total:.2f} s")

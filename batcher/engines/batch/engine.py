@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import orjson
 
 from batcher.config import RunConfig
-from batcher.engine import Job, Prepared
+from batcher.engine import Job, Prepared, prepared_to_send
 from batcher.engines.batch.anthropic import AnthropicBatches
 from batcher.engines.batch.client import BatchApiDown, BatchClient, StopWaiting
 from batcher.engines.batch.ledger import Ledger, PartWriter, Placed, Slot
@@ -176,12 +176,8 @@ class BatchEngine:
             if row is None:
                 ends += 1
                 continue
-            prepared = job.prepare([row])
-            if prepared is None:        # the budget refused: the job is stopping
-                return
-            if isinstance(prepared, list):
-                for result in prepared:
-                    job.deliver(result)
+            prepared = prepared_to_send(job, [row])
+            if prepared is None:        # delivered already, or refused (the job stops)
                 continue
             where = placed.pop(row.id, None)
             if where is not None and self._waits_on(where, ledger):

@@ -43,7 +43,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from batcher.config import RunConfig
-from batcher.engine import Job
+from batcher.engine import Job, prepared_to_send
 from batcher.engines.live import LiveEngine
 from batcher.errors import Aborted
 from batcher.log import get_logger
@@ -194,12 +194,8 @@ class RayEngine(LiveEngine):
                 return
 
     async def _send_on(self, index: int, rows: list[RequestRow], job: Job) -> None:
-        prepared = job.prepare(rows)
+        prepared = prepared_to_send(job, rows)
         if prepared is None:
-            return
-        if isinstance(prepared, list):
-            for result in prepared:
-                job.deliver(result)
             return
         if self._first:
             self._first = False
