@@ -15,7 +15,8 @@ The contract, for a new engine (``--mode batch``, ``--engine ray``) in one new m
   they stay pending). After sending, ``job.finish(prepared, outcome)`` with a
   :class:`~batcher.results.Sent`, a :class:`~batcher.results.Failed`, or None when the
   request was abandoned (stop, abort): the job builds, delivers or holds the result rows and
-  settles the budget. An engine never writes rows itself.
+  settles the budget. An engine never writes rows itself. :func:`prepared_to_send` does the
+  first step's delivering for it.
 - **Progress**: the engine keeps ``job.progress.in_flight``, ``.retries`` and
   ``.rate_limited`` up to date; the job counts rows.
 - **Rows left elsewhere**: an engine that returns while rows are still being answered
