@@ -94,13 +94,13 @@ from batcher.state.record import (
     _list_state,
     _normalise,
     _output_token,
-    _read_meta,
     _Record,
     _scan,
     _write_all,
     _write_meta,
     fingerprint_diff,
     input_fingerprint,
+    read_meta,
     set_aside,
     source_rows,
     state_dir_for,
@@ -111,7 +111,8 @@ from batcher.types import JSON, ResultRow
 
 __all__ = [
     "DEFAULT_COMPACT_EVERY", "Counters", "StateStore", "ensure_output_folder",
-    "fingerprint_diff", "input_fingerprint", "state_dir_for", "status", "unmerged_sources",
+    "fingerprint_diff", "input_fingerprint", "read_meta", "state_dir_for", "status",
+    "unmerged_sources",
 ]
 
 
@@ -179,7 +180,7 @@ class StateStore:
             if restart:
                 _wipe(state, output)
             try:
-                meta = _read_meta(state)
+                meta = read_meta(state)
             except ValueError as exc:
                 if not force_resume:
                     raise StateMismatch(

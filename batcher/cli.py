@@ -113,13 +113,13 @@ def collect(kwargs: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _own_argv(fallback: list[str]) -> list[str]:
-    """This process's arguments when it is the batcher command (for the resume hint);
-    ``fallback`` when batcher is driven from Python."""
-    own = Path(sys.argv[0])
-    if own.name == "batcher" or (own.name == "__main__.py" and own.parent.name == "batcher"):
-        return sys.argv[1:]
-    return fallback
+class _KeepsArgv(click.Command):
+    """A command that keeps the arguments it was given, for the resume hint: the same command
+    line, also when batcher is driven from Python (``sys.argv`` is then someone else's)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["batcher.argv"] = [ctx.info_name or str(self.name), *args]
+        return super().parse_args(ctx, args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,7 +128,7 @@ def cli() -> None:
     """Run large numbers of LLM requests from a file: JSONL/Parquet in, Parquet out."""
 
 
-@cli.command()
+@cli.command(cls=_KeepsArgv)
 @click.argument("input", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output Parquet file (its state lives beside it in OUTPUT.state/).")
@@ -190,7 +190,7 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
     if dry_run:
         sys.exit(execute_estimate(input, values, as_json=as_json, sample=None))
     sys.exit(execute_run(input, output, values, show_progress=not no_progress,
-                         argv=_own_argv(["run", str(input), "-o", str(output)]),
+                         argv=click.get_current_context().meta["batcher.argv"],
                          report=not no_report))
 
 
@@ -220,8 +220,9 @@ def status(output: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
 def cancel(output: Path) -> None:
-    """Batch mode: cancel OUTPUT's provider batches still running. What they finished is
-    collected by the same `run` command (rerunning it also sends the rest again)."""
+    """Batch mode: end OUTPUT's job. Cancel its running provider batches, collect what they
+    answered, and write the output with the other rows as error_type=cancelled (the run's
+    command with --retry-failed sends them later). Submits nothing."""
     from batcher.commands import execute_cancel
 
     sys.exit(execute_cancel(output))

@@ -14,9 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 import orjson
 
-from batcher.checkpoint import status
+from batcher.checkpoint import read_meta, state_dir_for, status
 from batcher.config import RunConfig, make_config
 from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode, fail
 from batcher.estimate import EstimateReport, estimate
@@ -110,7 +111,8 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
         bind_log_context(job=config.job)
     progress_on = show_progress and sys.stderr.isatty()
     try:
-        runner = Runner(config, run_id=run_id)
+        runner = Runner(config, run_id=run_id,
+                        command=_resume_argv(argv) if argv else None)
         summary = run_async(_run_with_signals(runner, progress_on))
     except BatcherError as exc:
         get_logger().error("run_failed", error=str(exc), exit_code=int(exc.exit_code))
@@ -135,9 +137,14 @@ def _execute_one(values: dict[str, Any], *, show_progress: bool,
     return summary.exit_code
 
 
+def _resume_argv(argv: list[str]) -> list[str]:
+    """The command line that resumes this run: the same one, without --restart, secret
+    header values masked."""
+    return ["batcher", *redact_argv([a for a in argv if a != "--restart"])]
+
+
 def _resume_command(argv: list[str]) -> str:
-    """The command line that resumes this run: the same one, without --restart."""
-    return shlex.join(["batcher", *redact_argv([a for a in argv if a != "--restart"])])
+    return shlex.join(_resume_argv(argv))
 
 
 def _report(summary: RunSummary, *, table: bool) -> None:
@@ -315,25 +322,81 @@ def _render_batches(listing: dict[str, Any]) -> str:
 
 
 def execute_cancel(output: Path) -> int:
-    """``batcher cancel``: cancel a batch-mode output's running batches; exit 0, 2 when the
-    output has no batches, 3 when the provider cannot be asked."""
+    """``batcher cancel``: cancel a batch-mode output's running batches and collect what they
+    answered, writing the rest as ``cancelled`` (the output is then complete). It runs the
+    output's own command again (kept in its state) with ``cancelling`` set; without one (a
+    state from before batcher kept it, or a secret header given as text) it only cancels.
+    Exit 0 when cancelled (and collected), 2 when the output has no batches, 3 when the
+    provider cannot be asked, 130/143 when interrupted (``batcher cancel`` again goes on)."""
     from batcher.engines.batch.control import cancel_batches
+    from batcher.engines.batch.ledger import Ledger
 
     configure_logging("console")
+    state = state_dir_for(output)
+    if Ledger.read(state) is None:
+        return fail(ConfigError(f"{output}: no provider batches recorded (was it run with "
+                                "--mode batch?)"), ExitCode.USAGE)
+    try:
+        recorded = _recorded_run(output)
+    except BatcherError as exc:
+        return fail(exc, exc.exit_code)
+    if isinstance(recorded, tuple):
+        values, argv, cwd = recorded
+        with contextlib.chdir(cwd):
+            code = _execute_one(values, show_progress=True, argv=argv)
+        if code not in (ExitCode.OK, ExitCode.FAILED_ROWS):
+            return code
+        print(f"cancelled: {output} holds every row; those not answered have "
+              "error_type=cancelled, and the same command with --retry-failed sends them: "
+              f"{shlex.join(['batcher', *argv, '--retry-failed'])}")
+        return ExitCode.OK
     try:
         cancelled = run_async(cancel_batches(output))
     except BatcherError as exc:
         return fail(exc, exc.exit_code)
-    from batcher.report import read_summary
-
-    # The last run that did not finish saved the command that resumes it: the one to use.
-    resume = (read_summary(output) or {}).get("resume_command")
-    how = f": {resume}" if isinstance(resume, str) and resume else ""
     print(f"cancelled {len(cancelled)} batch{'' if len(cancelled) == 1 else 'es'}"
           + (f": {', '.join(cancelled)}" if cancelled else " (none was running)")
-          + ". Rerun the same `batcher run` command to collect what they finished "
-            f"(it also submits the rest again){how}")
+          + f". Not collected: {recorded}. Rerun your `batcher run` command to collect what "
+            "they finished (it also submits the rest again)")
     return ExitCode.OK
+
+
+def _recorded_run(output: Path) -> tuple[dict[str, Any], list[str], Path] | str:
+    """The values, arguments and working folder of the command that runs ``output``, kept in
+    its state's meta.json, set to cancel; else why there is none."""
+    from batcher.cli import collect, run
+    from batcher.secrets import MASK
+
+    try:
+        meta = read_meta(state_dir_for(output)) or {}
+    except ValueError:
+        meta = {}
+    command, cwd = meta.get("command"), meta.get("cwd")
+    if not (isinstance(command, list) and command[1:2] == ["run"] and isinstance(cwd, str)):
+        return "its state does not name the command that ran it"
+    argv = [str(a) for a in command[1:]]
+    if any(MASK in a for a in argv):
+        return ("its command gave a secret --header as text, which the state does not keep "
+                "(give it as 'Name: env:VARIABLE' to let batcher cancel collect)")
+    target = output.resolve()
+    with contextlib.chdir(cwd):
+        try:
+            ctx = run.make_context("run", argv[1:])
+        except click.ClickException as exc:
+            raise ConfigError(f"{output}: its recorded command no longer parses "
+                              f"({exc.format_message()})") from exc
+        params = dict(ctx.params)
+        source, dest = Path(params.pop("input")), params.pop("output")
+        for key in ("no_progress", "dry_run", "as_json", "no_report"):
+            params.pop(key, None)
+        values = {**collect(params), "no_wait": None, "cancelling": True}
+        if not is_job_file(source):
+            return {**values, "input": source, "output": dest}, argv, Path(cwd)
+        for job_run in load_job(source, {**values, "output": dest}):
+            if Path(job_run.values["output"]).resolve() == target:
+                return ({**job_run.values, "prices": job_run.prices or None, "no_wait": None,
+                         "cancelling": True}, argv, Path(cwd))
+    return f"its job file {source} no longer names {output}"
 
 
 def execute_cache_stats(folder: Path, *, as_json: bool) -> int:

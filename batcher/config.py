@@ -106,6 +106,9 @@ class RunConfig:
     """Batch mode: seconds between progress polls (None: 10 s backing off to 60 s)."""
     no_wait: bool = False
     """Batch mode: submit, collect what has ended, and exit 75 while anything is pending."""
+    cancelling: bool = False
+    """Batch mode, set by ``batcher cancel`` (never a flag): cancel the running batches, wait
+    for them to end, write what they answered and every other row as ``cancelled``."""
 
     @functools.cached_property
     def response_schema(self) -> ResponseSchema | None:
@@ -177,7 +180,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-_NO_FLAG = frozenset({"grace", "server_down_after", "prices", "job"})
+_NO_FLAG = frozenset({"grace", "server_down_after", "prices", "job", "cancelling"})
 """Keys only a job file can set; every other key is also a ``--flag``."""
 
 
@@ -257,7 +260,7 @@ def _check_mode(given: Mapping[str, Any]) -> None:
         raise ConfigError("mode (--mode) batch sends through the provider's Batch API from "
                           "this machine; --engine ray is for live mode: give one of them")
     if mode != "batch":
-        for key in ("batch_max_requests", "poll_interval", "no_wait"):
+        for key in ("batch_max_requests", "poll_interval", "no_wait", "cancelling"):
             if given.get(key):
                 raise ConfigError(f"{option_name(key)} needs --mode batch")
 

@@ -188,6 +188,11 @@ class BadRequest(Fatal):
     """400, 404, 422 and other 4xx: this row fails, the job goes on."""
 
 
+class Cancelled(Fatal):
+    """The job was cancelled (``batcher cancel``) before this row was answered; written as an
+    error (``error_type=cancelled``) that ``--retry-failed`` sends again."""
+
+
 class JobFatal(Fatal):
     """An answer that means every further request would fail the same way: abort (exit 3)."""
 

@@ -34,8 +34,9 @@ DATE_FORMAT = "%Y-%m-%d"
 DATETIME_FORMAT = "%Y-%m-%dT%H-%M-%S"  # no colons: the value lands in file names
 _DATETIME_PATTERN = r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}"
 
-# RunConfig fields a job file may not set: the job's name is the file's `name` or its stem.
-_INTERNAL_KEYS = ("job",)
+# RunConfig fields a job file may not set: the job's name is the file's `name` or its stem;
+# `cancelling` is set by `batcher cancel` alone.
+_INTERNAL_KEYS = ("job", "cancelling")
 _LOG_FORMATS = ("console", "json")
 _SECRET_KEY_NAMES = frozenset({"api_key", "key", "openai_api_key", "authorization", "x_api_key",
                                "anthropic_api_key", "gemini_api_key", "google_api_key"})

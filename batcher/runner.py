@@ -10,10 +10,11 @@ re-sends nothing.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import orjson
@@ -98,8 +99,12 @@ class Runner:
     """
 
     def __init__(self, config: RunConfig, *, run_id: str | None = None,
-                 on_problem: Callable[[InputProblem], None] | None = None) -> None:
+                 on_problem: Callable[[InputProblem], None] | None = None,
+                 command: Sequence[str] | None = None) -> None:
         self.config = config
+        self.command = list(command) if command is not None else None
+        """The command line that started the run (secret headers masked), kept in the
+        state's meta.json with its working folder: ``batcher cancel`` runs it again."""
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.progress = Progress()
         self.stop_reason: str | None = None
@@ -196,8 +201,11 @@ class Runner:
             self._budget.spent = store.spend.cost_usd_known
             self.progress.total = total
             self.progress.already_done = plan.done
-            store.update_meta(status="running", total_rows=total,
-                              started_at=started_at)
+            started: dict[str, JSON] = {"status": "running", "total_rows": total,
+                                        "started_at": started_at}
+            if self.command is not None:
+                started.update(command=list(self.command), cwd=os.getcwd())
+            store.update_meta(**started)
             self._log.info("run_started", input=str(config.input), output=str(config.output),
                            rows=total, already_done=plan.done, endpoint=config.endpoint,
                            model=config.model, concurrency=config.concurrency)

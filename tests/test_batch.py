@@ -58,6 +58,26 @@ def _args(sim: SimulatorThread, src: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def _submitted(tmp_path: Path, sim: SimulatorThread, *, rows: int
+               ) -> tuple[Path, Path, list[str]]:
+    """``rows`` prompts submitted with --no-wait (exit 75): the input, output and command."""
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(rows))
+    out = tmp_path / "out.parquet"
+    args = _args(sim, src, out, "--no-wait")
+    assert run_cli(*args).exit_code == 75
+    return src, out, args
+
+
+def _matrix_job(tmp_path: Path, sim: SimulatorThread, *, rows: int) -> Path:
+    """A job file running ``rows`` prompts on two models in batch mode with --no-wait."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(rows))
+    job = tmp_path / "matrix.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out/{{model}}.parquet"\n'
+                   f'models = ["gpt-4o-mini", "gpt-4o"]\nbase_url = "{sim.base_url}"\n'
+                   'mode = "batch"\nno_wait = true\npoll_interval = 0.01\nno_report = true\n')
+    return job
+
+
 def _batches(sim: SimulatorThread) -> dict[str, Any]:
     counters: dict[str, Any] = sim.stats.batches.as_dict()
     return counters
@@ -239,29 +259,74 @@ def test_no_wait_exits_75_then_the_same_command_collects(
     assert listing[0]["state"] == "completed" and listing[0]["counts"]["completed"] == 5
 
 
-def test_cancel_keeps_what_finished_and_the_rerun_sends_the_rest(
+def test_cancel_collects_what_finished_and_writes_the_rest_as_cancelled(
         tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
     sim, clock = batch_sim(batch_seconds=10)
-    src = write_jsonl(tmp_path / "in.jsonl", prompts(10))
-    out = tmp_path / "out.parquet"
-    args = _args(sim, src, out, "--no-wait")
-    assert run_cli(*args).exit_code == 75
+    src, out, args = _submitted(tmp_path, sim, rows=10)
+    assert not out.exists()
     clock.now = 5.0                                  # half of the lines are done
     cancelled = run_cli("cancel", out)
     assert cancelled.exit_code == 0, cancelled.stderr
-    assert "cancelled 1 batch" in cancelled.stdout
-    assert f"batcher run {src} -o {out}" in cancelled.stdout       # the command to collect
-    assert _batches(sim)["cancels"] == 1
-    result = run_cli(*args)        # collects the 5 finished; the other 5 go in a new batch
+    assert _batches(sim)["cancels"] == 1 and _batches(sim)["creates"] == 1
+    got = _by_id(out)                                # the output is written, every row in it
+    assert len(got) == 10
+    ok = [r for r in got.values() if r["status"] == "ok"]
+    gone = [r for r in got.values() if r["status"] == "error"]
+    assert len(ok) == 5 and all(r["cost_usd"] > 0 and r["batch_id"] for r in ok)
+    assert len(gone) == 5 and {r["error_type"] for r in gone} == {"cancelled"}
+    assert all(r["error"].startswith("cancelled (batcher cancel)") for r in gone)
+    assert "--retry-failed" in cancelled.stdout and f"batcher run {src} -o {out}" in cancelled.stdout
+    listing = json.loads(run_cli("status", out, "--json").stdout)["batches"]
+    assert [b["state"] for b in listing] == ["cancelled"]
+    again = run_cli("cancel", out)                   # nothing running: nothing changes
+    assert again.exit_code == 0, again.stderr
+    assert _batches(sim)["cancels"] == 1 and len(_by_id(out)) == 10
+    retry = [*args, "--retry-failed"]
+    result = run_cli(*retry)                         # the cancelled 5 go in a new batch
     assert result.exit_code == 75, result.stderr
+    assert _batches(sim)["creates"] == 2
     clock.now = 100.0
-    result = run_cli(*args)
+    result = run_cli(*retry)                         # the same command collects them
     assert result.exit_code == 0, result.stderr
     got = _by_id(out)
     assert len(got) == 10 and all(r["status"] == "ok" for r in got.values())
     assert sorted(r["attempts"] for r in got.values()) == [1] * 5 + [2] * 5
-    assert _batches(sim)["lines"] == 15
 
+
+def test_cancel_of_a_job_file_run_collects_that_output_only(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, clock = batch_sim(batch_seconds=10)
+    job = _matrix_job(tmp_path, sim, rows=4)
+    assert run_cli("run", job, "--no-progress").exit_code == 75
+    assert _batches(sim)["creates"] == 2
+    clock.now = 5.0
+    first, second = tmp_path / "out" / "gpt-4o-mini.parquet", tmp_path / "out" / "gpt-4o.parquet"
+    cancelled = run_cli("cancel", first)
+    assert cancelled.exit_code == 0, cancelled.stderr
+    assert _batches(sim)["cancels"] == 1
+    assert {r["status"] for r in _by_id(first).values()} == {"ok", "error"}
+    assert not second.exists()                       # the other model's batch runs on
+    clock.now = 100.0                                # 1: the first output has cancelled rows
+    assert run_cli("run", job, "--no-progress").exit_code == 1
+    assert _batches(sim)["creates"] == 2 and len(_by_id(second)) == 4
+    assert all(r["status"] == "ok" for r in _by_id(second).values())
+
+
+def test_cancel_without_a_recorded_command_cancels_and_says_how_to_collect(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim(batch_seconds=10)
+    src, out, _ = _submitted(tmp_path, sim, rows=4)
+    meta_path = tmp_path / "out.parquet.state" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["command"][:4] == ["batcher", "run", str(src), "-o"]
+    assert "--mode" in meta["command"] and meta["cwd"] == os.getcwd()
+    del meta["command"]                              # a state written before it was kept
+    meta_path.write_text(json.dumps(meta))
+    cancelled = run_cli("cancel", out)
+    assert cancelled.exit_code == 0, cancelled.stderr
+    assert _batches(sim)["cancels"] == 1 and not out.exists()
+    assert "Not collected: its state does not name the command" in cancelled.stdout
+    assert "Rerun your `batcher run` command" in cancelled.stdout
 
 def test_server_without_batch_api_exits_2(
         tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
@@ -483,11 +548,7 @@ def test_poll_intervals_back_off_from_10_to_60_seconds_unless_given() -> None:
 def test_a_matrix_with_a_pending_run_exits_75(
         tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
     sim, clock = batch_sim(batch_seconds=10)
-    write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    job = tmp_path / "matrix.toml"
-    job.write_text(f'input = "in.jsonl"\noutput = "out/{{model}}.parquet"\n'
-                   f'models = ["gpt-4o-mini", "gpt-4o"]\nbase_url = "{sim.base_url}"\n'
-                   'mode = "batch"\nno_wait = true\npoll_interval = 0.01\nno_report = true\n')
+    job = _matrix_job(tmp_path, sim, rows=2)
     first = run_cli("run", job, "--no-progress")
     assert first.exit_code == 75, first.stderr
     assert _batches(sim)["creates"] == 2

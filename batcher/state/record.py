@@ -501,7 +501,7 @@ def set_aside(part: Path) -> Path:
 # --- meta ---------------------------------------------------------------------------------
 
 
-def _read_meta(state: Path) -> dict[str, JSON] | None:
+def read_meta(state: Path) -> dict[str, JSON] | None:
     """``meta.json`` as a dict; None when absent. Raises ``ValueError`` when unreadable."""
     try:
         data = (state / "meta.json").read_bytes()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from batcher.state.lock import _probe_lock
-from batcher.state.record import _list_state, _read_meta, _read_spend, _Record, _scan, state_dir_for
+from batcher.state.record import _list_state, _read_spend, _Record, _scan, read_meta, state_dir_for
 from batcher.types import JSON
 
 # --- status -------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def _retrying_scan(state: Path, output: Path) -> tuple[dict[str, JSON], _Record]
     # A live run renames and deletes files under us (compaction, finalize); rescan on a miss.
     for attempt in range(5):
         try:
-            meta = _read_meta(state) or {}
+            meta = read_meta(state) or {}
             return meta, _scan(state, output, meta, repair=False)
         except (FileNotFoundError, ValueError):
             if attempt == 4:

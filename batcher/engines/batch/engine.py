@@ -18,6 +18,11 @@ Crash safety is the :mod:`~batcher.engines.batch.ledger`'s: a row already placed
 is attached to that part again on resume, never submitted again; a part with no recorded
 batch id is looked up by its metadata first. ``--no-wait`` submits, collects what has
 ended, and returns with the rest left pending (the run exits 75).
+
+``batcher cancel`` runs the output's own command again with ``cancelling`` set: nothing new
+is submitted; every running batch is asked to cancel and waited for; what the batches answered
+is written as usual, and every other row (cancelled, failed retryably, never submitted) as an
+error of type ``cancelled``, so the output is complete and ``--retry-failed`` sends the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from batcher.engines.batch.wire import BatchWire, RemoteBatch, ResultLine
 from batcher.errors import (
     Aborted,
     BadRequest,
+    Cancelled,
     JobFatal,
     ProviderError,
     Retryable,
@@ -63,6 +69,8 @@ BATCH_ID_COLUMN = "batch_id"
 """The output column naming the provider batch a row's result came from."""
 YIELD_EVERY = 1000
 """Rows finished between two turns given to the writer while a part is collected."""
+CANCELLED = "cancelled (batcher cancel) "
+"""How a cancelled row's error begins; ``--retry-failed`` sends it again."""
 
 
 def poll_intervals(fixed: float | None) -> Iterator[float]:
@@ -122,6 +130,8 @@ class BatchEngine:
         self._ctx = config.request_context()
         self._schema = config.response_schema
         self._client: BatchClient | None = None
+        self._cancelled: set[int] = set()
+        """``batcher cancel``: the parts whose batch this run asked to cancel."""
 
     def stop(self, *, now: bool) -> int:
         if self._task is not None and (now or not self._sending):
@@ -182,6 +192,10 @@ class BatchEngine:
             where = placed.pop(row.id, None)
             if where is not None and self._waits_on(where, ledger):
                 self._attach(where, where.custom_id or row.id, prepared.reserved, ledger)
+                continue
+            if self.config.cancelling:       # nothing new is submitted
+                job.finish(prepared, Failed(Cancelled(CANCELLED + "before it was submitted"),
+                                            where.attempt if where else 0, None, None, None))
                 continue
             slot = self._slot(prepared, (where.attempt + 1) if where else 1, job)
             if slot is not None:
@@ -287,6 +301,10 @@ class BatchEngine:
                 job.progress.in_flight += part.rows
                 continue
             found = await self.wire.find(client, _metadata(ledger, number))
+            if found is None and self.config.cancelling:   # never created: nothing to wait for
+                self._cancel_unsubmitted(part, job, ledger)
+                del self._open[number]
+                continue
             if found is not None:
                 ledger.record_created(number, found.id)
                 part.batch_id = found.id
@@ -297,6 +315,17 @@ class BatchEngine:
             part.lines = [slot.line for slot in ledger.slots(number)]
             part.size = sum(len(line) + self.wire.overhead for line in part.lines)
             await self._submit(part, job, ledger, client)
+
+    def _cancel_unsubmitted(self, part: _Part, job: Job, ledger: Ledger) -> None:
+        """``batcher cancel``: the rows of a part that was never created are cancelled."""
+        assert part.pending is not None
+        for slot in ledger.slots(part.number):
+            reserved = part.pending.pop(slot.custom_id, None)
+            if reserved is not None:
+                prepared = self._prepared(part.endpoint, slot, reserved, None)
+                job.finish(prepared, Failed(Cancelled(CANCELLED + "before it was submitted"),
+                                            slot.attempt - 1, None, None, None))
+        part.rows = 0
 
     # --- polling and collecting -------------------------------------------------------------
 
@@ -309,6 +338,11 @@ class BatchEngine:
                     return
                 assert part.batch_id is not None
                 batch = await self.wire.get(client, part.batch_id)
+                if self.config.cancelling and not batch.ended and number not in self._cancelled:
+                    batch = await self.wire.cancel(client, part.batch_id)
+                    self._cancelled.add(number)
+                    ledger.record_cancel(number)
+                    self._log.info("batch_cancel_requested", part=number, batch_id=batch.id)
                 ledger.record_state(number, batch.state, dict(batch.counts))
                 states[batch.state] = states.get(batch.state, 0) + 1
                 if batch.ended:
@@ -324,7 +358,7 @@ class BatchEngine:
             left = sum(p.rows for p in self._open.values())
             if not left:
                 return
-            if self.config.no_wait:
+            if self.config.no_wait and not self.config.cancelling:
                 job.leave_pending(left)
                 self._log.info("batches_pending", batches=len(self._open), rows=left)
                 return
@@ -383,6 +417,8 @@ class BatchEngine:
                 job.finish(prepared, Sent(response, answer, slot.attempt, None, None))
                 return
         assert error is not None
+        if isinstance(error, Retryable) and self.config.cancelling:   # not sent again
+            error = Cancelled(CANCELLED + f"before it was answered ({error.message})")
         if isinstance(error, Retryable) and slot.attempt < self.config.max_attempts:
             job.progress.retries += 1
             # The reservation goes with the row into its next batch.
