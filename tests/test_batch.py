@@ -393,6 +393,74 @@ def test_anthropic_ids_that_do_not_fit_are_mapped_back(
     assert any(r["attempts"] == 2 for r in got.values())      # errored lines sent again
 
 
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json",
+                                              "anthropic-version": "2023-06-01"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+@pytest.mark.parametrize("case", ["found", "ambiguous", "not-this-part"])
+def test_an_anthropic_batch_whose_id_was_not_written_is_found_by_its_size(
+        tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch,
+        batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    from batcher.engines.batch import anthropic
+    from batcher.results import now_iso
+
+    sim, clock = batch_sim(batch_seconds=100)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(9))
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--base-url", sim.base_url, "--endpoint",
+            "anthropic", "--model", "claude-3-5-haiku-latest", "--mode", "batch", "-p",
+            "max_tokens=64", "--poll-interval", "0.01", "--no-progress",
+            "--batch-max-requests", "4", "--no-wait"]
+    assert run_cli(*args).exit_code == 75
+    assert _batches(sim)["creates"] == 3             # parts of 4, 4 and 1 rows
+    # The instant between "create returned" and "id written", for the last part: only one
+    # part can be in it (parts are created one after another).
+    events = _ledger_events(out)
+    lost = next(e for e in reversed(events) if e["event"] == "created")
+    kept = [e for e in events if e is not lost]
+    if case == "not-this-part":    # announced after its batch was made: that one is not it
+        monkeypatch.setattr(anthropic, "CLOCK_SKEW", 0.0)
+        for event in kept:
+            if event["event"] == "part" and event["part"] == lost["part"]:
+                event["at"] = now_iso()
+        time.sleep(0.05)
+    ledger = out.with_name(out.name + ".state") / "batches" / "ledger.jsonl"
+    ledger.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    foreign = None
+    if case != "found":            # someone else's one-request batch, made just now, whose
+        # custom_id is the lost part's row id (another job on the same input)
+        ids = ledger.with_name(f"part-{lost['part']:06d}.ids").read_text().splitlines()
+        same = json.loads(ids[0])[1]
+        foreign = _post_json(sim.base_url + "/messages/batches", {"requests": [
+            {"custom_id": same, "params": {
+                "model": "claude-3-5-haiku-latest", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Not batcher's"}]}}]})["id"]
+    codes = []
+    for moment in (1000.0, 2000.0, 3000.0):
+        clock.now = moment
+        codes.append(run_cli(*args).exit_code)
+        if codes[-1] != 75:
+            break
+    assert codes[-1] == 0, codes
+    got = _by_id(out)
+    assert sorted(got) == sorted(r["id"] for r in prompts(9))
+    assert all(r["status"] == "ok" for r in got.values())
+    assert foreign not in {r["batch_id"] for r in got.values()}
+    assert all(r["output"] != answer_text("Not batcher's", 16) for r in got.values())
+    if case == "found":            # taken, not submitted again
+        assert _batches(sim)["creates"] == 3
+        assert lost["batch_id"] in {r["batch_id"] for r in got.values()}
+    else:                          # not taken (two candidates) or refused by its results
+        assert _batches(sim)["creates"] == 3 + 1 + 1
+
+
 def test_gemini_batch_mode_exits_2(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
     result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--endpoint", "gemini",

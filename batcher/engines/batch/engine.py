@@ -32,6 +32,7 @@ import contextlib
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 import orjson
 
@@ -41,7 +42,7 @@ from batcher.engines.batch.anthropic import AnthropicBatches
 from batcher.engines.batch.client import BatchApiDown, BatchClient, StopWaiting
 from batcher.engines.batch.ledger import Ledger, PartWriter, Placed, Slot
 from batcher.engines.batch.openai import OpenAIBatches
-from batcher.engines.batch.wire import BatchWire, RemoteBatch, ResultLine
+from batcher.engines.batch.wire import BatchWire, Lookup, RemoteBatch, ResultLine
 from batcher.errors import (
     Aborted,
     BadRequest,
@@ -132,6 +133,8 @@ class BatchEngine:
         self._client: BatchClient | None = None
         self._cancelled: set[int] = set()
         """``batcher cancel``: the parts whose batch this run asked to cancel."""
+        self._key = ""
+        """The output's key (the ledger's), from which custom_ids may be derived."""
 
     def stop(self, *, now: bool) -> int:
         if self._task is not None and (now or not self._sending):
@@ -177,7 +180,8 @@ class BatchEngine:
 
     async def _run(self, rows: asyncio.Queue[RequestRow | None], job: Job, ledger: Ledger,
                    client: BatchClient) -> None:
-        placed = ledger.placements()
+        self._key = key = ledger.key
+        placed = ledger.placements(lambda row_id: self.wire.custom_id(row_id, key))
         ends = 0
         while ends < job.consumers:
             if job.stop.is_set():
@@ -191,7 +195,8 @@ class BatchEngine:
                 continue
             where = placed.pop(row.id, None)
             if where is not None and self._waits_on(where, ledger):
-                self._attach(where, where.custom_id or row.id, prepared.reserved, ledger)
+                self._attach(where, where.custom_id or self.wire.custom_id(row.id, key) or row.id,
+                             prepared.reserved, ledger)
                 continue
             if self.config.cancelling:       # nothing new is submitted
                 job.finish(prepared, Failed(Cancelled(CANCELLED + "before it was submitted"),
@@ -231,7 +236,7 @@ class BatchEngine:
         when the line alone is over the provider's size cap."""
         row, request = prepared.rows[0], prepared.request
         endpoint = _endpoint(request, self.config.base_url)
-        custom_id = row.id if self.wire.custom_id_ok(row.id) else "g" + secrets.token_hex(8)
+        custom_id = self.wire.custom_id(row.id, self._key) or "g" + secrets.token_hex(8)
         line = self.wire.line(custom_id, endpoint, request)
         if len(line) + self.wire.overhead > self.wire.max_bytes:
             job.finish(prepared, Failed(BadRequest(
@@ -300,7 +305,7 @@ class BatchEngine:
             if part.batch_id is not None:
                 job.progress.in_flight += part.rows
                 continue
-            found = await self.wire.find(client, _metadata(ledger, number))
+            found = await self.wire.find(client, _lookup(ledger, number))
             if found is None and self.config.cancelling:   # never created: nothing to wait for
                 self._cancel_unsubmitted(part, job, ledger)
                 del self._open[number]
@@ -471,6 +476,15 @@ def _relabel(slot: Slot, custom_id: str) -> Slot:
     data["custom_id"] = custom_id
     end = b"\n" if slot.line.endswith(b"\n") else b""
     return replace(slot, custom_id=custom_id, line=orjson.dumps(data) + end)
+
+
+def _lookup(ledger: Ledger, part: int) -> Lookup:
+    """How the provider may name a part's batch whose id was never written."""
+    record = ledger.parts[part]
+    since = (datetime.fromisoformat(record.submitted_at.replace("Z", "+00:00")).timestamp()
+             if record.submitted_at else None)
+    return Lookup(_metadata(ledger, part), record.requests, since,
+                  frozenset(r.batch_id for r in ledger.parts.values() if r.batch_id))
 
 
 def _metadata(ledger: Ledger, part: int) -> dict[str, str]:

@@ -15,16 +15,17 @@ What survives kill -9 at any instant, and why nothing is submitted twice:
   ``cancel`` (``batcher cancel`` asked for it). A torn last line is ignored on read.
 
 A part with no ``created`` event may still exist at the provider (killed between the create
-returning and the write): the engine looks it up by its metadata (the job key and part
-number) before submitting it again. Reading (``batcher status``, ``batcher cancel``) takes no
-lock and changes nothing but the ``cancel`` events.
+returning and the write): the engine looks it up before submitting it again, by its metadata
+(the job key and part number; OpenAI) or by its size and time (Anthropic, which keeps no
+metadata: see :mod:`~batcher.engines.batch.anthropic`). Reading (``batcher status``,
+``batcher cancel``) takes no lock and changes nothing but the ``cancel`` events.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,9 @@ class PartRecord:
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Where a row was last sent: its part, its custom_id there (None: the row's own id,
-    not kept twice: a resume of a million rows holds one of these per row), its attempt."""
+    """Where a row was last sent: its part, its custom_id there (None: the one derived from the
+    row's id, not kept twice: a resume of a million rows holds one of these per row), its
+    attempt."""
 
     part: int
     custom_id: str | None
@@ -129,8 +131,9 @@ class Ledger:
         ledger._append(ledger.job)
         return ledger
 
-    def placements(self) -> dict[str, Placed]:
-        """Every row id ever put in a part → its latest placement (the highest part)."""
+    def placements(self, derived: Callable[[str], str | None]) -> dict[str, Placed]:
+        """Every row id ever put in a part → its latest placement (the highest part). A
+        custom_id that is ``derived(row_id)`` is not kept (see :class:`Placed`)."""
         placed: dict[str, Placed] = {}
         for number in sorted(self.parts):
             path = self._ids_path(number)
@@ -143,8 +146,8 @@ class Ledger:
                     except (orjson.JSONDecodeError, ValueError, TypeError):
                         continue
                     key = str(row_id)
-                    placed[key] = Placed(number, None if custom_id == key else str(custom_id),
-                                         int(attempt))
+                    placed[key] = Placed(number, None if custom_id == derived(key)
+                                         else str(custom_id), int(attempt))
         return placed
 
     def next_part(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import orjson
 
 from batcher.engines.batch.client import BatchClient
-from batcher.engines.batch.wire import RemoteBatch, ResultLine, json_bytes
+from batcher.engines.batch.wire import Lookup, RemoteBatch, ResultLine, json_bytes, listed
 from batcher.errors import ServerError
 from batcher.providers.base import error_from_object, openai_error
 from batcher.types import JSON, HttpRequest, HttpResponse
@@ -20,8 +20,6 @@ from batcher.types import JSON, HttpRequest, HttpResponse
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
 NOT_ANSWERED = frozenset({"batch_expired", "batch_cancelled"})
 """Error codes of lines the batch did not get to: sent again in a new batch."""
-FIND_PAGES = 20
-"""Pages of ``GET /batches`` (100 each, newest first) searched for a part's metadata."""
 
 
 class OpenAIBatches:
@@ -31,8 +29,8 @@ class OpenAIBatches:
     overhead = 0
     to_error = staticmethod(openai_error)
 
-    def custom_id_ok(self, custom_id: str) -> bool:
-        return 0 < len(custom_id) <= 512
+    def custom_id(self, row_id: str, key: str) -> str | None:
+        return row_id if 0 < len(row_id) <= 512 else None
 
     def line(self, custom_id: str, endpoint: str, request: HttpRequest) -> bytes:
         body = request.body
@@ -63,23 +61,12 @@ class OpenAIBatches:
             "completion_window": "24h", "metadata": dict(metadata)})
         return _batch(data)
 
-    async def find(self, client: BatchClient, metadata: Mapping[str, str]) -> RemoteBatch | None:
-        after: str | None = None
-        for _ in range(FIND_PAGES):
-            query = "/batches?limit=100" + (f"&after={after}" if after else "")
-            page = await client.json("GET", query)
-            data = page.get("data") if isinstance(page, dict) else None
-            if not isinstance(data, list) or not data:
-                return None
-            for item in data:
-                found = item.get("metadata") if isinstance(item, dict) else None
-                if isinstance(found, dict) and all(found.get(k) == v
-                                                   for k, v in metadata.items()):
-                    return _batch(item)
-            last = data[-1]
-            if not isinstance(page, dict) or not page.get("has_more") or not isinstance(last, dict):
-                return None
-            after = str(last.get("id"))
+    async def find(self, client: BatchClient, lookup: Lookup) -> RemoteBatch | None:
+        async for item in listed(client, "/batches", "after"):
+            found = item.get("metadata")
+            if isinstance(found, dict) and all(found.get(k) == v
+                                               for k, v in lookup.metadata.items()):
+                return _batch(item)
         return None
 
     async def get(self, client: BatchClient, batch_id: str) -> RemoteBatch:
