@@ -571,6 +571,7 @@ class Runner:
             cost = None if any(r.cost_usd is None for r in results) else \
                 sum(r.cost_usd or 0.0 for r in results)
             self._cache.put(key, sent.response, model=sent.answer.model, cost_usd=cost)
+
     def _hold(self, results: list[ResultRow]) -> None:
         """A row that never got an answer: not an error of the row while the server may be
         down. With no success yet this run, the server is unreachable: abort (exit 3), the

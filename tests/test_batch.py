@@ -461,6 +461,28 @@ def test_an_anthropic_batch_whose_id_was_not_written_is_found_by_its_size(
         assert _batches(sim)["creates"] == 3 + 1 + 1
 
 
+def test_batch_answers_go_in_the_cache(
+        tmp_path: Path, batch_sim: Callable[..., tuple[SimulatorThread, ManualClock]]) -> None:
+    sim, _ = batch_sim()
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    cache = tmp_path / "cache"
+    first = tmp_path / "first.parquet"
+    result = run_cli(*_args(sim, src, first, "--cache", cache, "-p", "temperature=0"))
+    assert result.exit_code == 0, result.stderr
+    assert _batches(sim)["lines"] == 6
+    for mode in ("batch", "live"):                   # either mode is answered from the cache
+        again = tmp_path / f"again-{mode}.parquet"
+        result = run_cli("run", src, "-o", again, "--base-url", sim.base_url, "--model",
+                         "gpt-4o-mini", "--mode", mode, "--no-progress", "--cache", cache,
+                         "-p", "temperature=0")
+        assert result.exit_code == 0, result.stderr
+        summary = json.loads(again.with_name(f"again-{mode}.summary.json").read_text())
+        assert summary["cache_hits"] == 6 and summary["sent_this_run"] == 0
+        assert {k: r["output"] for k, r in _by_id(again).items()} == \
+            {k: r["output"] for k, r in _by_id(first).items()}
+    assert _batches(sim)["lines"] == 6 and _batches(sim)["creates"] == 1
+
+
 def test_gemini_batch_mode_exits_2(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
     result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--endpoint", "gemini",

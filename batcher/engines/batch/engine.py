@@ -244,7 +244,7 @@ class BatchEngine:
                 f"batch ({self.wire.max_bytes:,} bytes)"), attempt, None, None, None))
             return None
         return Slot(custom_id, row.id, attempt, prepared.reserved, request.model, row.model,
-                    row.source, row.line, dict(row.columns), line)
+                    row.source, row.line, dict(row.columns), line, prepared.cache_key)
 
     async def _place(self, endpoint: str, slot: Slot, job: Job, ledger: Ledger,
                      client: BatchClient) -> None:
@@ -442,7 +442,7 @@ class BatchEngine:
         row = RequestRow(id=slot.row_id, shape="prompt", source=slot.source, line=slot.line_no,
                          model=slot.row_model, columns=columns)
         return Prepared([row], self._provider(endpoint), _stub_request(slot, self._schema),
-                        0, reserved, None)
+                        0, reserved, slot.cache_key)
 
     def _provider(self, endpoint: str) -> Provider:
         if self.wire.name == "anthropic":

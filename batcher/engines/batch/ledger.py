@@ -236,21 +236,26 @@ class Slot:
     line_no: int
     columns: dict[str, JSON]
     line: bytes
+    cache_key: str | None = None
+    """Where ``--cache`` keeps the answer (None: not cached)."""
 
     def encode(self) -> bytes:
         return orjson.dumps([self.custom_id, self.row_id, self.attempt, self.reserved,
                              self.model, self.row_model, self.source, self.line_no,
-                             self.columns, self.line.decode()], default=str) + b"\n"
+                             self.columns, self.line.decode(), self.cache_key],
+                            default=str) + b"\n"
 
     @classmethod
     def parse(cls, raw: bytes) -> Slot | None:
         try:
             (custom_id, row_id, attempt, reserved, model, row_model, source, line_no,
-             columns, line) = orjson.loads(raw)
+             columns, line, *rest) = orjson.loads(raw)   # rest: the cache key, since it is kept
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return None
+        cache_key = rest[0] if rest and isinstance(rest[0], str) else None
         return cls(str(custom_id), str(row_id), int(attempt), float(reserved), model,
-                   row_model, str(source), int(line_no), dict(columns), str(line).encode())
+                   row_model, str(source), int(line_no), dict(columns), str(line).encode(),
+                   cache_key)
 
 
 class PartWriter:
