@@ -54,14 +54,18 @@ class Pacer:
     after it instead of leaving together.
     """
 
-    __slots__ = ("_epoch", "_next", "_recent", "_released", "interval", "min_gap", "per_second",
-                 "spacing")
+    __slots__ = ("_epoch", "_firsts", "_next", "_recent", "_released", "_resume_at", "interval",
+                 "min_gap", "per_second", "spacing")
 
     def __init__(self, per_second: float, *, spacing: bool = False) -> None:
         self.spacing = spacing
         self._next = 0.0
         self._released = -math.inf
         self._epoch = 0
+        self._resume_at = -math.inf
+        """No release before this (the end of the last :meth:`push_back`)."""
+        self._firsts = 0
+        """Waiters that go first (retries) not yet released: the others make way for them."""
         self._recent: deque[float] | None = None
         """The last floor(per_second) release times (the request pacer at >= 2/s)."""
         self.set_rate(per_second)
@@ -91,30 +95,46 @@ class Pacer:
         if until > self._next:
             self.push_back(until)
 
-    async def acquire(self, amount: float = 1.0) -> None:
+    async def acquire(self, amount: float = 1.0, *, first: bool = False) -> None:
+        """Wait for ``amount`` units. ``first`` (a retry, on the request pacer): take the next
+        instant the spacing allows, ahead of the waiters that reserved theirs, and move the
+        schedule back by one slot, so that the rate stays the same."""
         loop = asyncio.get_running_loop()
+        first = first and self.spacing
         epoch = -1
         start = 0.0
-        while True:
-            now = loop.time()
-            if epoch != self._epoch:       # first pass, or the schedule was pushed back
-                epoch = self._epoch
-                start = self.reserve(amount, now)
-            wait = max(start - now, self._released + self.min_gap - now)
-            recent = self._recent
-            if recent is not None and len(recent) == recent.maxlen:
-                wait = max(wait, recent[0] + SLICE_WINDOW - now)
-            if wait <= 0:
-                self._released = now
-                if recent is not None:
-                    recent.append(now)
-                return
-            await asyncio.sleep(wait)
+        if first:
+            self._firsts += 1
+        try:
+            while True:
+                now = loop.time()
+                if epoch != self._epoch:       # first pass, or the schedule was pushed back
+                    epoch = self._epoch
+                    if first:
+                        start = max(now, self._resume_at)
+                        self._next = max(self._next, start) + amount * self.interval
+                    else:
+                        start = self.reserve(amount, now)
+                wait = max(start - now, self._released + self.min_gap - now)
+                recent = self._recent
+                if recent is not None and len(recent) == recent.maxlen:
+                    wait = max(wait, recent[0] + SLICE_WINDOW - now)
+                if wait <= 0 and self._firsts and not first:
+                    wait = self.min_gap or self.interval    # make way for a retry
+                if wait <= 0:
+                    self._released = now
+                    if recent is not None:
+                        recent.append(now)
+                    return
+                await asyncio.sleep(wait)
+        finally:
+            if first:
+                self._firsts -= 1
 
     def push_back(self, until: float) -> None:
         """Start the schedule again at ``until``: every waiter re-reserves behind it."""
         self._epoch += 1
-        self._next = until
+        self._next = self._resume_at = until
 
     def charge_later(self, amount: float) -> None:
         """Push the next free slot back by ``amount`` (units used beyond what was charged)."""
@@ -226,10 +246,18 @@ class Throttle:
         while (delay := self._cooldown_until - loop.time()) > 0:
             await asyncio.sleep(delay)
 
-    async def acquire(self, tokens: int = 0) -> None:
+    @property
+    def paced(self) -> bool:
+        """Whether requests are paced (a stated, discovered or cluster-wide RPM)."""
+        return self._rpm is not None or (self._shared is not None
+                                          and self._shared.rpm is not None)
+
+    async def acquire(self, tokens: int = 0, *, first: bool = False) -> None:
         """Wait for the cooldown, ``tokens`` of the TPM budget and one request of the RPM
         budget, in that order: the request pacer is the last gate, so its spacing is the
-        spacing of the sends (a caller sends without awaiting anything else first)."""
+        spacing of the sends (a caller sends without awaiting anything else first).
+        ``first``: a retry, which takes the request pacer's next free slot ahead of new rows
+        (see :meth:`Pacer.acquire`)."""
         loop = asyncio.get_running_loop()
         while True:
             await self.wait_cooldown()
@@ -238,7 +266,7 @@ class Throttle:
             if self._tpm is not None and tokens > 0:
                 await self._tpm.acquire(tokens)
             if self._rpm is not None:
-                await self._rpm.acquire(1)
+                await self._rpm.acquire(1, first=first)
             if loop.time() >= self._cooldown_until:
                 break
         if self.adaptive:

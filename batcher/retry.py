@@ -32,13 +32,19 @@ that were refused together do not all come back in the same millisecond."""
 
 class wait_advised_or_jitter(wait_base):
     """Honour the server's ``retry_after`` when the error carries one; otherwise exponential
-    backoff with full jitter, capped."""
+    backoff with full jitter, capped; but no wait at all for an error other than a 429 while
+    ``paced()`` (requests are paced): the retry takes the request pacer's next free slot,
+    ahead of new rows. With rows waiting, a backoff would not lower what the server gets
+    (the pacer keeps that at the limit) but only leave the slot to a new row, and at the end
+    of a job it would leave slots unused while the row waits."""
 
     def __init__(self, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 paced: Callable[[], bool] | None = None) -> None:
         self.base = base
         self.cap = cap
         self.rng = rng or random.Random()
+        self.paced = paced
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
@@ -46,6 +52,8 @@ class wait_advised_or_jitter(wait_base):
         if isinstance(exc, Retryable) and exc.retry_after is not None:
             advised = min(exc.retry_after, BACKOFF_CAP * 4)
             return advised * (1.0 + self.rng.uniform(0.0, ADVICE_JITTER))
+        if self.paced is not None and not isinstance(exc, RateLimited) and self.paced():
+            return 0.0
         ceiling = min(self.cap, self.base * 2 ** (retry_state.attempt_number - 1))
         return self.rng.uniform(0.0, ceiling)
 
@@ -76,15 +84,17 @@ class stop_after_failures_or_rate_limit_wait(stop_base):
 
 def retrying(max_attempts: int, *, max_rate_limit_wait: float = math.inf,
              base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
-             sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
+             sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+             paced: Callable[[], bool] | None = None) -> AsyncRetrying:
     """A fresh policy for one row: at most ``max_attempts`` failed sends, 429s aside (see
     :class:`stop_after_failures_or_rate_limit_wait`); only :class:`Retryable` errors are
     retried; the last error is re-raised as itself. ``sleep`` waits between attempts (the
-    runner's ends early when the job stops)."""
+    runner's ends early when the job stops); ``paced`` says whether requests are paced (see
+    :class:`wait_advised_or_jitter`)."""
     return AsyncRetrying(
         stop=stop_after_failures_or_rate_limit_wait(max_attempts, max_rate_limit_wait),
         retry=retry_if_exception_type(Retryable),
-        wait=wait_advised_or_jitter(base, cap),
+        wait=wait_advised_or_jitter(base, cap, paced=paced),
         reraise=True,
         sleep=sleep,
     )

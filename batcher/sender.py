@@ -116,8 +116,10 @@ class Sender:
                     raise
                 first_error = exc
             if first_error is not None:
+                throttle = self.throttle
                 async for attempt in retrying(self.max_attempts, sleep=self._sleep,
-                                              max_rate_limit_wait=self.max_rate_limit_wait):
+                                              max_rate_limit_wait=self.max_rate_limit_wait,
+                                              paced=lambda: throttle.paced):
                     with attempt:
                         if first_error is not None:
                             replay, first_error = first_error, None
@@ -127,7 +129,7 @@ class Sender:
                         attempts += 1
                         self._counters.retries += 1
                         response, answer = await self._attempt(row, provider, request,
-                                                               tokens, task, wire)
+                                                               tokens, task, wire, first=True)
         except JobFatal as exc:
             self._abort(exc)
             return None
@@ -146,18 +148,19 @@ class Sender:
         return Sent(response, answer, attempts, *_timing(started, wire))
 
     async def _attempt(self, row: RequestRow, provider: Provider, request: HttpRequest,
-                       tokens: int, task: asyncio.Task[object],
-                       wire: list[float]) -> tuple[HttpResponse, Answer]:
+                       tokens: int, task: asyncio.Task[object], wire: list[float], *,
+                       first: bool = False) -> tuple[HttpResponse, Answer]:
         """One send and parse; feeds the throttle; raises the typed error of a failure.
 
         The task is in ``sending`` from its send until its answer is handed back; not while
         it waits for a place, a cooldown, the pacer or a retry, so a stop cancels such
         waiters at once. Between the pacer's release and the send nothing is awaited, so
-        sends keep the pacer's spacing. ``wire`` gets the send's duration (ms)."""
+        sends keep the pacer's spacing. ``wire`` gets the send's duration (ms). ``first``: a
+        retry, which takes the pacer's next free slot ahead of new rows."""
         throttle = self.throttle
         counters = self._counters
         async with throttle.slot():
-            await throttle.acquire(tokens)
+            await throttle.acquire(tokens, first=first)
             if self._stop.is_set():
                 raise StopRequested
             self.sending.add(task)

@@ -199,6 +199,50 @@ def test_wait_without_advice_is_full_jitter_exponential_and_capped() -> None:
         assert max(samples) > ceiling * 0.8      # full jitter spreads up to the ceiling
 
 
+def test_a_paced_retry_of_a_5xx_does_not_back_off_but_a_429_and_advice_still_wait() -> None:
+    paced = True
+    wait = wait_advised_or_jitter(base=0.5, cap=30.0, rng=random.Random(3),
+                                  paced=lambda: paced)
+    assert [wait(_state(ServerError("boom", 503), n)) for n in (1, 2, 5)] == [0.0, 0.0, 0.0]
+    assert 2.0 <= wait(_state(ServerError("busy", 503, retry_after=2.0), 1)) <= 2.2
+    assert max(wait(_state(RateLimited("slow down", 429), 3)) for _ in range(50)) > 0.0
+    paced = False                            # no pacer (yet): the backoff is the wait again
+    assert max(wait(_state(ServerError("boom", 503), 3)) for _ in range(50)) > 0.0
+
+
+def test_a_retry_takes_the_next_free_slot_ahead_of_the_rows_already_waiting() -> None:
+    # 600 RPM = 10 a second; 40 rows wait from the start (4 s of schedule). A retry that
+    # comes at 1.0 s leaves within a slot or two, not behind the 30 still queued, and the
+    # rate stays the limit's: the schedule moves back by the slot the retry took.
+    async def main() -> tuple[list[float], float]:
+        loop = asyncio.get_running_loop()
+        throttle = Throttle(rpm=600, tpm=None, concurrency=64)
+        times: list[float] = []
+        retry_at: list[float] = []
+
+        async def row() -> None:
+            await throttle.acquire()
+            times.append(loop.time())
+
+        async def retry() -> None:
+            await asyncio.sleep(1.0)
+            await throttle.acquire(first=True)
+            retry_at.append(loop.time())
+            times.append(loop.time())
+
+        await asyncio.gather(*(row() for _ in range(40)), retry())
+        return sorted(times), retry_at[0]
+
+    times, retry_at = run_virtual(main)
+    assert 1.0 <= retry_at <= 1.0 + 2 * 0.1, retry_at
+    assert len(times) == 41
+    assert times[-1] == pytest.approx(40 / (10 * 0.995), abs=0.15)   # 41 sends, 10 a second
+    for phase in (0.0, 0.25, 0.5, 0.75):
+        assert max(Counter(int(t + phase) for t in times).values()) <= 10, phase
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.1 - TIMER_SLACK - 1e-9
+
+
 def test_policy_retries_only_retryable_errors() -> None:
     async def main() -> tuple[int, int]:
         calls = {"retryable": 0, "fatal": 0}
