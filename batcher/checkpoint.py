@@ -373,9 +373,13 @@ class StateStore:
             self._meta["finalizing"] = record
             _write_meta(self.state_dir, self._meta)
             try:
+                # Results from before a --force-resume were written for another input:
+                # their ordinals say nothing of this one.
                 rows = write_final(sources, self.output, metadata={TOKEN_KEY: token},
                                    flatten=flatten, input_ids=input_ids,
-                                   input_rows=input_rows, spill_folder=self.state_dir)
+                                   input_rows=input_rows,
+                                   by_ordinal=not self._meta.get("force_resumed_at"),
+                                   spill_folder=self.state_dir)
             except UnreadableSource as exc:
                 # The in-memory record still counts the bad file's ids: refuse further use.
                 self._broken = f"cannot use the state of {self.output} after: {exc}"

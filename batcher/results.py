@@ -105,7 +105,7 @@ class RowBuilder:
             response_id=answer.response_id, tool_calls=answer.tool_calls,
             embedding=answer.embedding,
             raw=self.redact(response.body.decode("utf-8", "replace")) if self.keep_raw else None,
-            completed_at=now_iso(), columns=row.columns,
+            completed_at=now_iso(), columns=row.columns, ordinal=row.ordinal,
         )
 
     def error_row(self, row: RequestRow, message: str, kind: str, *, attempts: int,
@@ -119,5 +119,5 @@ class RowBuilder:
             id=row.id, status="error", error=self.redact(message), error_type=kind,
             attempts=attempts, http_status=status, latency_ms=latency_ms, wait_ms=wait_ms,
             raw=raw, completed_at=now_iso(), columns=row.columns,
-            model=row.model or self.default_model,
+            model=row.model or self.default_model, ordinal=row.ordinal,
         )

@@ -44,7 +44,14 @@ from batcher.errors import (
     TransportError,
 )
 from batcher.io.flatten import flat_fields
-from batcher.io.idindex import RowPlan, build_plan
+from batcher.io.idindex import (
+    RowPlan,
+    build_plan,
+    input_plan_key,
+    load_input_plan,
+    plan_from_ordinals,
+    save_input_plan,
+)
 from batcher.io.readers import (
     InputProblem,
     ReaderOptions,
@@ -52,7 +59,7 @@ from batcher.io.readers import (
     iter_batches,
     iter_row_ids,
 )
-from batcher.io.writer import iter_id_status
+from batcher.io.writer import NoOrdinals, iter_id_status, iter_ordinal_status, release_memory
 from batcher.log import get_logger
 from batcher.pricing import (
     Budget,
@@ -86,6 +93,9 @@ MAX_PROBLEMS_LOGGED = 20
 """Bad rows logged one by one; beyond this only counted (the summary has the total)."""
 SAME_ERROR_ABORT = 20
 """Consecutive rows refused with the same client error, and no success, that stop the job."""
+INPUT_PLAN = "input-plan.arrow"
+"""In the state folder: what the first pass over the input's ids found (its rows and
+duplicates), for resuming by ordinals (see :meth:`Runner._plan`)."""
 
 
 
@@ -190,13 +200,8 @@ class Runner:
         try:
             if config.cache is not None:
                 self._cache = ResponseCache(config.cache)
-            # Which rows are done and which are duplicates: one pass over the input's ids
-            # and the state's, spilled beside the state (nothing kept per row).
-            plan = build_plan(iter_row_ids(config.input, options),
-                              (iter_id_status(p) for p in store.result_sources()),
-                              rows_hint=total + store.result_rows(),
-                              ok_only=config.retry_failed,
-                              folder=config.state_dir)
+            plan = self._plan(store, options, fingerprint, total)
+            release_memory()  # the plan's working memory: not kept through the run
             # The cap is for the output, not for one run: earlier runs' spend counts.
             self._budget.spent = store.spend.cost_usd_known
             self.progress.total = total
@@ -270,6 +275,38 @@ class Runner:
                 self._log.warning("state_close_failed", reason=str(exc))
 
     # --- setup ----------------------------------------------------------------------------
+
+    def _plan(self, store: StateStore, options: ReaderOptions, fingerprint: dict[str, JSON],
+              total: int) -> RowPlan:
+        """Which rows are done and which are duplicates.
+
+        Resuming an input this state has read before (what it learnt of the input is kept in
+        :data:`INPUT_PLAN`), the rows done are told by the input ordinals their results carry:
+        no pass over the input. Otherwise (the first run, results from before a
+        ``--force-resume`` or without ordinals): one pass over the input's ids and the
+        state's, spilled beside the state (nothing kept per row), and what it learnt of the
+        input is kept for the next resume."""
+        config = self.config
+        kept = store.state_dir / INPUT_PLAN
+        key = input_plan_key(fingerprint)
+        sources = store.result_sources()
+        if not store.meta.get("force_resumed_at"):
+            known = load_input_plan(kept, key)
+            if known is not None:
+                try:
+                    plan = plan_from_ordinals(known, (iter_ordinal_status(p) for p in sources),
+                                              ok_only=config.retry_failed)
+                except NoOrdinals:
+                    plan = None
+                if plan is not None:
+                    self._log.debug("resume_by_ordinals", done=plan.done)
+                    return plan
+        plan = build_plan(iter_row_ids(config.input, options),
+                          (iter_id_status(p) for p in sources),
+                          rows_hint=total + store.result_rows(), ok_only=config.retry_failed,
+                          folder=config.state_dir)
+        save_input_plan(kept, key, plan)
+        return plan
 
     def _fingerprint(self) -> dict[str, JSON]:
         c = self.config

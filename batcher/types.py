@@ -35,7 +35,9 @@ class RequestRow:
     ``columns`` are the input's own columns carried through to the output, already made
     Parquet-friendly (scalars as they are; lists/dicts as JSON text).
     ``source`` and ``line`` say where the row came from (1-based line for JSONL, 1-based
-    row for Parquet), for error messages.
+    row for Parquet), for error messages. ``ordinal`` is its 1-based data-row number in the
+    whole input (0: not known); its result carries it, so that a resume can tell the rows
+    already done by number (:func:`batcher.io.idindex.plan_from_ordinals`).
     """
 
     id: str
@@ -49,6 +51,7 @@ class RequestRow:
     model: str | None = None
     params: Mapping[str, JSON] = field(default_factory=dict)
     columns: Mapping[str, JSON] = field(default_factory=dict)
+    ordinal: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +180,6 @@ class ResultRow:
     raw: str | None = None
     completed_at: str = ""
     columns: Mapping[str, JSON] = field(default_factory=dict)
+    ordinal: int = 0
+    """The input row's ordinal (:attr:`RequestRow.ordinal`): kept in the state, not in the
+    output."""

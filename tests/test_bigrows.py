@@ -238,3 +238,116 @@ def test_spills_left_by_a_killed_run_are_removed_on_open(tmp_path: Path) -> None
     (left / "p000.arrow").write_bytes(b"partial")
     with StateStore.open(out, {"input": "x"}, run_id="b"):
         assert not left.exists()
+
+
+# --- resuming by ordinals -----------------------------------------------------------------
+
+
+def _ordinal_sources(*batches: list[tuple[int, bool]]) -> list[list[tuple[pa.Array, pa.Array]]]:  # type: ignore[type-arg]
+    return [[(pa.array([o for o, _ in b], pa.int64()), pa.array([ok for _, ok in b]))]
+            for b in batches]
+
+
+@pytest.mark.parametrize("ok_only", [False, True])
+def test_the_plan_by_ordinals_equals_the_plan_by_ids(tmp_path: Path, ok_only: bool) -> None:
+    # A random input with duplicate ids, and results in several sources (retried rows
+    # answered again, some ok, some not): told by ordinals, the plan (done rows, duplicates
+    # and where each was first seen, whether that row is done) is the one told by ids.
+    rng = random.Random(7)
+    rows = prompts(3_000)
+    for i in rng.sample(range(100, 3_000), 200):
+        rows[i] = {"id": f"r{rng.randrange(i)}", "prompt": "again"}
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    owner: dict[str, int] = {}
+    for ordinal, row in enumerate(rows, 1):
+        owner.setdefault(row["id"], ordinal)
+    answered = [(rid, ordinal) for rid, ordinal in owner.items() if rng.random() < 0.7]
+    sources = [[(rid, ordinal, rng.random() < 0.8) for rid, ordinal in rng.sample(
+        answered, len(answered) // 2)] for _ in range(3)]
+    by_ids = build_plan(iter_row_ids(path, ReaderOptions()), [
+        [(pa.array([r for r, _, _ in s], pa.string()), pa.array([ok for _, _, ok in s]))]
+        for s in sources], ok_only=ok_only, folder=tmp_path)
+    idindex.save_input_plan(tmp_path / "plan.arrow", "k", by_ids)
+    assert idindex.load_input_plan(tmp_path / "plan.arrow", "other") is None
+    known = idindex.load_input_plan(tmp_path / "plan.arrow", "k")
+    assert known is not None
+    by_ordinals = idindex.plan_from_ordinals(known, _ordinal_sources(
+        *[[(o, ok) for _, o, ok in s] for s in sources]), ok_only=ok_only)
+    assert by_ordinals is not None
+    assert (by_ordinals.rows, by_ordinals.done, by_ordinals.duplicates) == (
+        by_ids.rows, by_ids.done, by_ids.duplicates)
+    assert by_ids.done > 1_000 and by_ids.duplicates > 150
+    assert [by_ordinals.state(o) for o in range(1, 3_001)] == [
+        by_ids.state(o) for o in range(1, 3_001)]
+    dups = [o for o in range(1, 3_001) if by_ids.state(o) == DUPLICATE]
+    assert [by_ordinals.first(o) for o in dups] == [by_ids.first(o) for o in dups]
+
+
+def test_the_latest_result_of_an_ordinal_decides_and_strangers_refuse(tmp_path: Path) -> None:
+    plan = idindex.RowPlan(4)
+    # Row 2: ok then failed; row 3: failed then ok (the later source wins, as by ids).
+    got = idindex.plan_from_ordinals(plan, _ordinal_sources([(2, True), (3, False)],
+                                                            [(2, False), (3, True)]),
+                                     ok_only=True)
+    assert got is not None
+    assert [got.state(o) for o in range(1, 5)] == [NEW, NEW, DONE, NEW]
+    # An ordinal the input does not have: these results were not written for it.
+    assert idindex.plan_from_ordinals(idindex.RowPlan(4), _ordinal_sources([(5, True)])) is None
+
+
+def _kill_when_done(sim: SimulatorThread, src: Path, out: Path, at: int, *extra: str) -> None:
+    proc = _start(sim, src, out, "--concurrency", "16", *extra)
+    deadline = time.monotonic() + 30
+    while _done(out) < at and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+
+
+def test_a_resume_tells_the_rows_done_by_ordinal_without_reading_the_ids(
+        tmp_path: Path, make_sim: Callable[..., SimulatorThread],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = make_sim(latency_ms=30, jitter_ms=30)
+    rows = prompts(400)
+    rows[350] = {"id": "r10", "prompt": "a duplicate of a row done before the kill"}
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    _kill_when_done(sim, src, out, 100)
+    assert 0 < _done(out) < 399
+    assert (out.with_name(out.name + ".state") / "input-plan.arrow").is_file()
+
+    def no_pass(*_args: object, **_kwargs: object):  # type: ignore[no-untyped-def]
+        raise AssertionError("the resume read the input's ids")
+        yield
+
+    from batcher import runner
+    monkeypatch.setattr(runner, "iter_row_ids", no_pass)
+    result = run_cli("run", src, "-o", out, "--base-url", sim.base_url, "--model",
+                     "gpt-4o-mini", "--no-progress", "--concurrency", "16")
+    assert result.exit_code == 1, result.stderr  # 1: a bad input row was skipped
+    assert "duplicate id 'r10' (an earlier row has it, and that row is done already)" \
+        in result.stderr
+    ids = [r["id"] for r in read_output(out)]
+    assert ids == [r["id"] for i, r in enumerate(rows) if i != 350]  # input order, once each
+    assert sim.stats.resent_after_ok <= 16  # at most what was in flight at the kill
+
+
+def test_results_from_before_a_force_resume_are_told_by_id(
+        tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
+    # Run 1 answers part of A; run 2 (--force-resume) part of B, A's rows in another order;
+    # run 3 resumes B. Run 1's ordinals are A's: they must not mark B's rows done.
+    sim = make_sim(latency_ms=30, jitter_ms=30)
+    rows = prompts(400)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    _kill_when_done(sim, src, out, 100)
+    shuffled = rows[:]
+    random.Random(3).shuffle(shuffled)
+    write_jsonl(src, shuffled)
+    _kill_when_done(sim, src, out, _done(out) + 60, "--force-resume")
+    result = run_cli("run", src, "-o", out, "--base-url", sim.base_url, "--model",
+                     "gpt-4o-mini", "--no-progress", "--concurrency", "16")
+    assert result.exit_code == 0, result.stderr
+    assert [r["id"] for r in read_output(out)] == [r["id"] for r in shuffled]
+    assert sim.stats.resent_after_ok <= 32  # at most what was in flight at the two kills

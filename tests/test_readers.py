@@ -457,7 +457,9 @@ def test_parquet_without_ids_numbers_rows_across_files(tmp_path: Path) -> None:
 
 
 def test_output_columns_match_the_result_row() -> None:
-    result_fields = [f.name for f in dataclasses.fields(ResultRow) if f.name != "columns"]
+    # ``ordinal`` is kept in the state only (for resuming by ordinals), never in the output.
+    result_fields = [f.name for f in dataclasses.fields(ResultRow)
+                     if f.name not in ("columns", "ordinal")]
     assert list(OUTPUT_COLUMNS) == result_fields
 
 
@@ -733,9 +735,9 @@ def test_memory_stays_flat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_fast_row_constructor_matches_the_dataclass() -> None:
     fast = rows_module._make_request_row("a", "prompt", "f.jsonl", 3, "p", None, None, None, "m",
-                                     {"t": 1}, {"c": 2})
+                                     {"t": 1}, {"c": 2}, 7)
     assert fast == RequestRow("a", "prompt", "f.jsonl", 3, "p", None, None, None, "m",
-                              {"t": 1}, {"c": 2})
+                              {"t": 1}, {"c": 2}, 7)
     assert type(fast) is RequestRow
     with pytest.raises(dataclasses.FrozenInstanceError):
         untyped: Any = fast

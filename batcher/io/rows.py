@@ -442,7 +442,7 @@ class _RowBuilder:
                     elif value is not None:
                         return InputProblem(source, line, "params", _not_a(value, "an object"))
             return make(row_id, shape, source, line, prompt, messages, body, url, model,
-                        params, columns)
+                        params, columns, ordinal)
 
         return build
 
@@ -517,16 +517,16 @@ def _request_row_factory() -> Callable[..., RequestRow]:
     """
     names = [f.name for f in fields(RequestRow)]
     assert names == ["id", "shape", "source", "line", "prompt", "messages", "body", "url",
-                     "model", "params", "columns"], names
+                     "model", "params", "columns", "ordinal"], names
     assert not hasattr(RequestRow, "__post_init__")
     new = object.__new__
     (s_id, s_shape, s_source, s_line, s_prompt, s_messages, s_body, s_url, s_model, s_params,
-     s_columns) = (vars(RequestRow)[name].__set__ for name in names)
+     s_columns, s_ordinal) = (vars(RequestRow)[name].__set__ for name in names)
 
     def make(row_id: str, shape: RowShape, source: str, line: int, prompt: str | None,
              messages: list[dict[str, JSON]] | None, body: dict[str, JSON] | None,
              url: str | None, model: str | None, params: dict[str, JSON],
-             columns: dict[str, JSON]) -> RequestRow:
+             columns: dict[str, JSON], ordinal: int) -> RequestRow:
         row: RequestRow = new(RequestRow)
         s_id(row, row_id)
         s_shape(row, shape)
@@ -539,6 +539,7 @@ def _request_row_factory() -> Callable[..., RequestRow]:
         s_model(row, model)
         s_params(row, params)
         s_columns(row, columns)
+        s_ordinal(row, ordinal)
         return row
 
     return make

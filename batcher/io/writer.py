@@ -45,11 +45,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.io.flatten import column_fields, flattened_arrays, is_flattened
-from batcher.io.idindex import InputIds, output_order
+from batcher.io.idindex import InputIds, ordinal_order, output_order
 from batcher.types import JSON, ResultRow
 
 COLUMNS_KEY = "_columns"
 """Journal key under which a result's input columns are nested."""
+
+ORDINAL_COLUMN = "_ordinal"
+"""The state's own column (journal key and part column, never in the final output): the
+input row's ordinal (:attr:`batcher.types.ResultRow.ordinal`; null when not known)."""
 
 _RESULT_FIELDS: list[pa.Field[Any]] = [
     pa.field("id", pa.string()),
@@ -134,6 +138,7 @@ def result_to_record(r: ResultRow) -> dict[str, JSON]:
         "raw": r.raw,
         "completed_at": r.completed_at,
         COLUMNS_KEY: dict(r.columns),
+        ORDINAL_COLUMN: r.ordinal or None,
     }
 
 
@@ -227,7 +232,7 @@ class ColumnTypes:
 def output_name(column: str) -> str:
     """The output column name of input column ``column`` (``input_`` prefixed on a clash)."""
     name = column
-    while name in _RESULT_SET:
+    while name in _RESULT_SET or name == ORDINAL_COLUMN:
         name = "input_" + name
     return name
 
@@ -360,11 +365,12 @@ class _ColumnChunk:
     made compaction's memory jump; a tuple of its values is a sixth of that.
     """
 
-    __slots__ = ("inputs", "rows", "size")
+    __slots__ = ("inputs", "ordinals", "rows", "size")
 
     def __init__(self) -> None:
         self.rows: list[tuple[JSON, ...]] = []
         self.inputs: dict[str, list[JSON]] = {}
+        self.ordinals: list[JSON] = []
         self.size = 0
 
     def add(self, rec: Mapping[str, JSON]) -> None:
@@ -372,6 +378,7 @@ class _ColumnChunk:
             self.rows.append(_fixed_values(rec))
         except KeyError:  # not written by result_to_record: missing fields are null
             self.rows.append(tuple(rec.get(name) for name in RESULT_COLUMNS))
+        self.ordinals.append(rec.get(ORDINAL_COLUMN))
         columns = rec.get(COLUMNS_KEY)
         if isinstance(columns, dict):
             size = self.size
@@ -384,7 +391,10 @@ class _ColumnChunk:
                 values.append(value)
         self.size += 1
 
-    def table(self, column_types: Mapping[str, pa.DataType]) -> pa.Table:
+    def table(self, column_types: Mapping[str, pa.DataType], *,
+              ordinals: bool = False) -> pa.Table:
+        """The gathered records as a table; ``ordinals``: with the state's own
+        :data:`ORDINAL_COLUMN` last (a part), else the output's columns only."""
         arrays: list[pa.Array[Any]] = []
         fields: list[pa.Field[Any]] = []
         fixed: Iterable[tuple[JSON, ...]] = (
@@ -398,6 +408,10 @@ class _ColumnChunk:
             values.extend([None] * (self.size - len(values)))
             arrays.append(_input_array(typ, values))
             fields.append(pa.field(output_name(name), typ))
+        if ordinals:
+            arrays.append(_fixed_array(ORDINAL_COLUMN, pa.int64(), self.ordinals))
+            fields.append(pa.field(ORDINAL_COLUMN, pa.int64()))
+        self.ordinals = []
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -407,10 +421,10 @@ def _journal_tables(journal: Path, column_types: Mapping[str, pa.DataType],
     for rec in iter_journal(journal):
         chunk.add(rec)
         if chunk.size >= size:
-            yield chunk.table(column_types)
+            yield chunk.table(column_types, ordinals=True)
             chunk = _ColumnChunk()
     if chunk.size:
-        yield chunk.table(column_types)
+        yield chunk.table(column_types, ordinals=True)
 
 
 def write_part(journal: Path, part: Path) -> JournalScan:
@@ -464,29 +478,59 @@ def iter_id_status(path: Path) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
     """(ids, is_ok) batches of one result source, in its row order: a Parquet part/output
     (``id``, ``status`` columns) or a journal (``.jsonl``; torn or bad lines skipped as
     :func:`iter_journal` does)."""
+    def missing() -> Exception:
+        return ValueError(f"{path} has no id/status columns")
+    return _key_status(path, "id", pa.string(), lambda record: cast("str", record["id"]),
+                       missing, nulls=True)
+
+
+class NoOrdinals(Exception):
+    """A result source whose rows do not all carry their input ordinal (written before the
+    state kept them, or by a path that does not know them)."""
+
+
+def iter_ordinal_status(path: Path) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
+    """(input ordinals, is_ok) batches of one result source, in its row order (see
+    :func:`iter_id_status`); raises :class:`NoOrdinals` at a row without one."""
+    def ordinal(record: Mapping[str, JSON]) -> JSON:
+        value = record.get(ORDINAL_COLUMN)
+        if type(value) is not int:
+            raise NoOrdinals(str(path))
+        return value
+    return _key_status(path, ORDINAL_COLUMN, pa.int64(), ordinal,
+                       lambda: NoOrdinals(str(path)), nulls=False)
+
+
+def _key_status(path: Path, column: str, typ: pa.DataType,
+                key: Callable[[Mapping[str, JSON]], JSON], missing: Callable[[], Exception], *,
+                nulls: bool) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
+    """(``column`` values as ``typ``, is_ok) batches of one result source; ``key`` reads the
+    value of a journal record; ``missing()`` is raised when a part lacks the column, or
+    (unless ``nulls``) has a null in it."""
     if path.name.endswith(".jsonl"):
-        ids: list[str] = []
+        keys: list[JSON] = []
         oks: list[bool] = []
         for record in iter_journal(path):
-            ids.append(cast("str", record["id"]))
+            keys.append(key(record))
             oks.append(record.get("status") == "ok")
-            if len(ids) >= ID_BATCH_ROWS:
-                yield pa.array(ids, pa.string()), pa.array(oks, pa.bool_())
-                ids, oks = [], []
-        if ids:
-            yield pa.array(ids, pa.string()), pa.array(oks, pa.bool_())
+            if len(keys) >= ID_BATCH_ROWS:
+                yield pa.array(keys, typ), pa.array(oks, pa.bool_())
+                keys, oks = [], []
+        if keys:
+            yield pa.array(keys, typ), pa.array(oks, pa.bool_())
         return
     with pq.ParquetFile(path, pre_buffer=False) as parquet_file:
         names = parquet_file.schema_arrow.names
-        if "id" not in names or "status" not in names:
-            raise ValueError(f"{path} has no id/status columns")
-        for batch in parquet_file.iter_batches(batch_size=ID_BATCH_ROWS, columns=["id", "status"],
-                                               use_threads=False):
+        if column not in names or "status" not in names:
+            raise missing()
+        for batch in parquet_file.iter_batches(batch_size=ID_BATCH_ROWS,
+                                               columns=[column, "status"], use_threads=False):
+            values = _combined(batch.column(column))
+            if values.null_count and not nulls:
+                raise missing()
             is_ok = pc.fill_null(pc.equal(batch.column("status"), pa.scalar("ok")),
                                  pa.scalar(False))
-            yield (_combined(batch.column("id")).cast(pa.string()),
-                   _combined(cast("pa.Array[Any]", is_ok)))
-
+            yield values.cast(typ), _combined(cast("pa.Array[Any]", is_ok))
 
 
 # --- the final output ---------------------------------------------------------------------
@@ -500,7 +544,7 @@ def unify(schemas: Sequence[pa.Schema]) -> pa.Schema:
     seen: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
         for f in schema:
-            if f.name not in _RESULT_SET and not is_flattened(f):
+            if f.name not in _RESULT_SET and f.name != ORDINAL_COLUMN and not is_flattened(f):
                 seen.setdefault(f.name, []).append(f.type)
     fields = list(RESULT_SCHEMA)
     for name, types in seen.items():
@@ -667,13 +711,16 @@ def write_final(sources: Sequence[Path], output: Path,
                 metadata: Mapping[str, str] | None = None,
                 flatten: Sequence[tuple[str, pa.DataType]] = (), *,
                 input_ids: InputIds | None = None, input_rows: int = 0,
-                spill_folder: Path | None = None) -> int:
+                by_ordinal: bool = False, spill_folder: Path | None = None) -> int:
     """Merge Parquet ``sources`` (oldest first) into ``output`` atomically; returns its row count.
 
     One row per id: the latest source's row of an id wins (within a source, the later row).
     Row order: with ``input_ids`` (the input's ids, :func:`batcher.io.readers.iter_row_ids`;
     ``input_rows`` its data rows) the input's order, then the ids the input no longer has, in
     the order they were answered; without, the order of the sources (completion order).
+    ``by_ordinal``: every result was written for this very input, so when every source row
+    carries its input ordinal, the input order is told by those
+    (:func:`batcher.io.idindex.ordinal_order`) without reading ``input_ids``.
 
     Memory is flat in the number of rows: which row wins and where it goes are worked out by
     :func:`batcher.io.idindex.output_order` (spilled to ``spill_folder``), then rows are
@@ -729,9 +776,16 @@ def write_final(sources: Sequence[Path], output: Path,
                     del table, rest
                     _release_arrow()
 
-                guarded = [_guarded_ids(src) for src in sources]
-                _, order = output_order(guarded, input_ids, input_rows,
-                                        rows_hint=sum(counts), folder=spill_folder)
+                order: Iterator[pa.Array[Any]] | None = None
+                if by_ordinal and input_ids is not None:
+                    with contextlib.suppress(NoOrdinals):
+                        order = ordinal_order(
+                            [_guarded(src, iter_ordinal_status) for src in sources],
+                            input_rows, folder=spill_folder)
+                if order is None:
+                    _, order = output_order([_guarded(src, iter_id_status) for src in sources],
+                                            input_ids, input_rows, rows_hint=sum(counts),
+                                            folder=spill_folder)
                 for seqs in order:
                     for start in range(0, len(seqs), GATHER_ROWS):
                         table = gather.rows(seqs.slice(start, GATHER_ROWS))
@@ -761,8 +815,9 @@ def write_final(sources: Sequence[Path], output: Path,
     return rows
 
 
-def _guarded_ids(path: Path) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
-    iterator = iter_id_status(path)
+def _guarded(path: Path, read: Callable[[Path], Iterator[tuple[pa.Array[Any], pa.Array[Any]]]]
+             ) -> Iterator[tuple[pa.Array[Any], pa.Array[Any]]]:
+    iterator = read(path)
     while True:
         with _read_guard(path):
             item = next(iterator, None)

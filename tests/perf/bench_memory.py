@@ -142,7 +142,7 @@ def bench_resume(tmp: Path, rows: int, pending: int = 1_000) -> None:
                               "base_url": sim.base_url})
         builder.FINGERPRINT = Runner(config)._fingerprint()
         t0 = time.perf_counter()
-        builder.build(out, rows - pending)
+        builder.build(out, rows - pending, rows)
         print(f"resume: state with {rows - pending:,} done built in "
               f"{time.perf_counter() - t0:,.0f} s", flush=True)
         cmd = [sys.executable, "-c", WRAP, "run", str(src), "-o", str(out), "--base-url",

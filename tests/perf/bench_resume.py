@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, uninstalled
 from batcher.checkpoint import StateStore, state_dir_for
-from batcher.io.writer import RESULT_SCHEMA, encode_records, result_to_record
+from batcher.io.idindex import RowPlan, input_plan_key, save_input_plan
+from batcher.io.writer import ORDINAL_COLUMN, RESULT_SCHEMA, encode_records, result_to_record
+from batcher.runner import INPUT_PLAN
 from batcher.types import ResultRow
 
 PART_ROWS = 50_000
@@ -47,10 +49,14 @@ def _part(start: int, count: int) -> pa.Table:
         else:
             columns[f.name] = pa.nulls(count, f.type)
     columns["expected"] = pa.array([i % 7 for i in n], type=pa.int64())
+    columns[ORDINAL_COLUMN] = pa.array([i + 1 for i in n], type=pa.int64())
     return pa.table(columns)
 
 
-def build(output: Path, done: int) -> None:
+def build(output: Path, done: int, rows: int | None = None) -> None:
+    """A state with rows 0 … ``done - 1`` answered (id ``row-%08d``, input ordinal i + 1), as
+    a run writes it; with ``rows`` (the input's rows), also what the first run kept of the
+    input (no duplicates), so that a resume goes by ordinals."""
     with StateStore.open(output, FINGERPRINT, run_id="bench-build"):
         pass  # creates the state dir and meta.json with the fingerprint
     state = state_dir_for(output)
@@ -60,12 +66,14 @@ def build(output: Path, done: int) -> None:
         seq += 1
         pq.write_table(_part(start, min(PART_ROWS, in_parts - start)),
                        state / f"part-{seq:06d}.parquet")
-    rows = [ResultRow(id=f"row-{i:08d}", status="ok", output="journal answer",
-                      prompt_tokens=20, completion_tokens=20, cost_usd=1e-5,
-                      columns={"expected": i % 7})
-            for i in range(in_parts, done)]
+    results = [ResultRow(id=f"row-{i:08d}", status="ok", output="journal answer",
+                         prompt_tokens=20, completion_tokens=20, cost_usd=1e-5,
+                         columns={"expected": i % 7}, ordinal=i + 1)
+               for i in range(in_parts, done)]
     (state / f"journal-{seq + 1:06d}.jsonl").write_bytes(
-        encode_records(result_to_record(r) for r in rows))
+        encode_records(result_to_record(r) for r in results))
+    if rows is not None:
+        save_input_plan(state / INPUT_PLAN, input_plan_key(FINGERPRINT), RowPlan(rows))
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def main() -> None:
                               "base_url": sim.base_url})
         import tests.perf.bench_resume as builder
         builder.FINGERPRINT = Runner(config)._fingerprint()
-        build(out, done)
+        build(out, done, rows)
         cmd = [sys.executable, "-m", "batcher", "run", str(src), "-o", str(out), "--base-url",
                sim.base_url, "--model", "gpt-4o-mini", "--no-progress", "--log-format", "json"]
         code, stderr, first, total = time_first_request(cmd, sim)

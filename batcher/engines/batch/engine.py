@@ -244,7 +244,8 @@ class BatchEngine:
                 f"batch ({self.wire.max_bytes:,} bytes)"), attempt, None, None, None))
             return None
         return Slot(custom_id, row.id, attempt, prepared.reserved, request.model, row.model,
-                    row.source, row.line, dict(row.columns), line, prepared.cache_key)
+                    row.source, row.line, dict(row.columns), line, prepared.cache_key,
+                    row.ordinal)
 
     async def _place(self, endpoint: str, slot: Slot, job: Job, ledger: Ledger,
                      client: BatchClient) -> None:
@@ -440,7 +441,7 @@ class BatchEngine:
         if batch_id is not None:
             columns[BATCH_ID_COLUMN] = batch_id
         row = RequestRow(id=slot.row_id, shape="prompt", source=slot.source, line=slot.line_no,
-                         model=slot.row_model, columns=columns)
+                         model=slot.row_model, columns=columns, ordinal=slot.ordinal)
         return Prepared([row], self._provider(endpoint), _stub_request(slot, self._schema),
                         0, reserved, slot.cache_key)
 

@@ -238,24 +238,27 @@ class Slot:
     line: bytes
     cache_key: str | None = None
     """Where ``--cache`` keeps the answer (None: not cached)."""
+    ordinal: int = 0
+    """The input row's ordinal (0: not known, as in parts written before it was kept)."""
 
     def encode(self) -> bytes:
         return orjson.dumps([self.custom_id, self.row_id, self.attempt, self.reserved,
                              self.model, self.row_model, self.source, self.line_no,
-                             self.columns, self.line.decode(), self.cache_key],
+                             self.columns, self.line.decode(), self.cache_key, self.ordinal],
                             default=str) + b"\n"
 
     @classmethod
     def parse(cls, raw: bytes) -> Slot | None:
         try:
             (custom_id, row_id, attempt, reserved, model, row_model, source, line_no,
-             columns, line, *rest) = orjson.loads(raw)   # rest: the cache key, since it is kept
+             columns, line, *rest) = orjson.loads(raw)   # rest: the cache key and ordinal, since kept
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return None
         cache_key = rest[0] if rest and isinstance(rest[0], str) else None
+        ordinal = rest[1] if len(rest) > 1 and type(rest[1]) is int else 0
         return cls(str(custom_id), str(row_id), int(attempt), float(reserved), model,
                    row_model, str(source), int(line_no), dict(columns), str(line).encode(),
-                   cache_key)
+                   cache_key, ordinal)
 
 
 class PartWriter:
