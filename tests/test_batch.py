@@ -683,3 +683,17 @@ def test_the_key_and_secret_headers_are_nowhere_in_the_state_output_or_summary(
         data = path.read_bytes()
         assert key.encode() not in data and token.encode() not in data, path
     assert key not in result.stdout + result.stderr and token not in result.stdout + result.stderr
+
+
+def test_a_slot_keeps_its_rows_ordinal_so_a_resume_goes_by_ordinals() -> None:
+    from batcher.engines.batch.ledger import Slot
+
+    slot = Slot("k_r1", "r1", 1, 0.5, "gpt-4o-mini", None, "in.jsonl", 3, {"n": 1}, b"{}",
+                None, 7)
+    assert Slot.parse(slot.encode()) == slot
+    # A part written before slots kept it (11 fields): read, the ordinal unknown (0), so
+    # its rows' results make a resume go by ids.
+    old = json.dumps(["k_r1", "r1", 1, 0.5, "gpt-4o-mini", None, "in.jsonl", 3, {}, "{}",
+                      None]).encode()
+    parsed = Slot.parse(old)
+    assert parsed is not None and parsed.ordinal == 0 and parsed.row_id == "r1"
