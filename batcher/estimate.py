@@ -282,6 +282,10 @@ def estimate(
     prices: dict[str | None, Price | None] = {}
     over: dict[str | None, tuple[int, str, int]] = {}  # model: (rows over, first where, window)
     default_max = 0
+    # A row with no params or body of its own asks for what the job does: its output bound,
+    # whether that is the assumed default, and its model's window are worked out once.
+    plain: dict[tuple[str | None, str | None], tuple[int, bool, int | None]] = {}
+
     def add(chunk: list[RequestRow], input_counts: list[int]) -> None:
         nonlocal default_max
         for row, n_in in zip(chunk, input_counts, strict=True):
@@ -292,12 +296,20 @@ def estimate(
                 price = price_for(model, price_input=price_input,
                                   price_output=price_output, table=prices_table)
                 prices[model] = batch_price(price) if batch else price
-            window = context_window(model)
+            known = None
+            if not row.params and row.body is None:
+                known = plain.get((row.model, row.url))
+            if known is None:
+                n_out = request_max_output_tokens(row, ctx, endpoint)
+                known = (n_out, n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, ctx),
+                         context_window(model))
+                if not row.params and row.body is None:
+                    plain[(row.model, row.url)] = known
+            n_out, assumed, window = known
             if window is not None and n_in > window:
                 n, where, _ = over.get(model, (0, f"{row.source}:{row.line}", window))
                 over[model] = (n + 1, where, window)
-            n_out = request_max_output_tokens(row, ctx, endpoint)
-            if n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, ctx):
+            if assumed:
                 default_max += 1
             acc.rows += 1
             acc.input_tokens += n_in

@@ -168,3 +168,21 @@ def test_a_prompt_longer_than_the_context_window_is_named(tmp_path: Path) -> Non
             in result.stdout), result.stdout
     fits = run_cli("estimate", src, "--model", "gpt-4.1")   # a 1M-token window
     assert "context window" not in fits.stdout
+
+
+def test_rows_with_params_of_their_own_keep_their_bounds_among_plain_rows() -> None:
+    # Plain rows share the job's bound (worked out once); a row's own max_tokens, before or
+    # after them, is its own; a plain row of another model has that model's window.
+    rows = []
+    for i in range(6):
+        own = {"max_tokens": 5} if i % 2 else {}
+        rows.append(RequestRow(id=f"r{i}", shape="prompt", source="in.jsonl", line=i + 1,
+                               prompt="x " * 20, params=own))
+    rows.append(RequestRow(id="long", shape="prompt", source="in.jsonl", line=7,
+                           prompt="word " * 20_000, model="gpt-3.5-turbo"))
+    report = estimate(rows, CTX, "chat", rpm=None, tpm=None, concurrency=4)
+    by = {m.model: m for m in report.by_model}
+    assert by["gpt-4o-mini"].output_tokens_max == 3 * 50 + 3 * 5
+    assert any("gpt-3.5-turbo's context window" in n and "in.jsonl:7" in n
+               for n in report.notes), report.notes
+    assert not any("gpt-4o-mini's context window" in n for n in report.notes)
