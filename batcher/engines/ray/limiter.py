@@ -12,20 +12,24 @@ How slots reach the workers depends on the rate (:func:`shared_limit`):
 - **Confirmed turns** (``--rpm`` up to :data:`CONFIRMED_RPM`, :class:`ConfirmedSlots`). One
   worker at a time holds the turn: a grant of :func:`lease_size` slots (one, up to 3,000 RPM).
   The worker releases them no closer than the limit's interval to its own previous send, and
-  confirms the instants at which it released them; only then is the next grant handed out,
-  and its first slot is no earlier than the last confirmed send + the interval (less the
-  millisecond of :data:`~batcher.limits.TIMER_SLACK`, as in a local run). So no two sends of
-  the cluster leave closer than one process's would, however late a worker woke: what a
-  strict gateway limiter (nginx ``limit_req`` without burst) needs, where one pair too close
-  is a 429 and a cooldown of the whole cluster. It costs a round trip to the limiter per
-  grant, which the next worker's waiting grant hides as long as it is shorter than the
-  interval (at 4,000 RPM: 15 ms; a loaded machine's Ray calls take a few).
-- **Leases** (above :data:`CONFIRMED_RPM`, :class:`LeasedSlots`). Each worker leases slots
-  at wall-clock instants, :func:`lease_size` at a time (one round trip per lease, not per
-  request), waits for each slot's instant, and drops slots gone stale (a late slot sent
-  late would crowd the next ones: a burst). Two workers can send closer than the interval
-  (one woke late, the next on time), which a per-second-slice limiter never sees but a
-  strict one does; give such a gateway an ``--rpm`` at or below :data:`CONFIRMED_RPM`.
+  then confirms the instants it sent them at (the last as of after its write); only then is
+  the next grant handed out, and its first slot is no earlier than the last confirmed send
+  + the interval (less the millisecond of :data:`~batcher.limits.TIMER_SLACK`, as in a local
+  run), within the same one-second window as a local run. So no two sends of the cluster
+  leave closer than one process's would, however late a worker woke: what a strict gateway
+  limiter (nginx ``limit_req`` without burst) needs, where one pair too close is a 429 and a
+  cooldown of the whole cluster. It costs a round trip to the limiter per grant, which the
+  next worker's waiting grant hides as long as it is shorter than the interval (at 4,000
+  RPM: 15 ms; a loaded machine's Ray calls take a few). What it cannot remove is the jitter
+  between a send and its arrival (the server's and the client's processes scheduled late):
+  a strict gateway still needs an ``--rpm`` a little below its rate, as a local run does.
+- **Leases** (above :data:`CONFIRMED_RPM`, :class:`LeasedSlots`; and ``--tpm`` alone). Each
+  worker leases slots at wall-clock instants, :func:`lease_size` at a time (one round trip
+  per lease, not per request), waits for each slot's instant, and drops slots gone stale (a
+  late slot sent late would crowd the next ones: a burst). Two sends can leave closer than
+  the interval (one worker woke late, the next on time): a per-second-slice limiter never
+  sees it, a strict one does, so above :data:`CONFIRMED_RPM` the cluster holds a provider's
+  per-second limits but not a strict gateway's interval.
 
 A worker that dies holding the turn never confirms: its grant expires
 :data:`GRANT_EXPIRY` seconds after its last slot and the turn moves on.
