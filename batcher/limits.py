@@ -115,21 +115,45 @@ class Pacer:
                         self._next = max(self._next, start) + amount * self.interval
                     else:
                         start = self.reserve(amount, now)
-                wait = max(start - now, self._released + self.min_gap - now)
-                recent = self._recent
-                if recent is not None and len(recent) == recent.maxlen:
-                    wait = max(wait, recent[0] + SLICE_WINDOW - now)
+                wait = max(start, self.floor()) - now
                 if wait <= 0 and self._firsts and not first:
                     wait = self.min_gap or self.interval    # make way for a retry
                 if wait <= 0:
-                    self._released = now
-                    if recent is not None:
-                        recent.append(now)
+                    self.note_release(now)
                     return
                 await asyncio.sleep(wait)
         finally:
             if first:
                 self._firsts -= 1
+
+    def floor(self) -> float:
+        """The earliest instant the spacing and the window allow the next release:
+        ``min_gap`` after the last release (0 without ``spacing``), and :data:`SLICE_WINDOW`
+        after the release floor(``per_second``) releases back (the request pacer)."""
+        at = self._released + self.min_gap
+        recent = self._recent
+        if recent is not None and len(recent) == recent.maxlen:
+            at = max(at, recent[0] + SLICE_WINDOW)
+        return at
+
+    def window_floors(self, count: int) -> list[float]:
+        """The floors the window alone puts under the next ``count`` releases (the ``j``-th
+        may not leave before :data:`SLICE_WINDOW` after the release floor(``per_second``)
+        releases before it): for a caller that hands several releases out at once."""
+        recent = self._recent
+        if recent is None or recent.maxlen is None:
+            return [-math.inf] * count
+        missing = recent.maxlen - len(recent)
+        return [recent[j - missing] + SLICE_WINDOW if 0 <= j - missing < len(recent)
+                else -math.inf for j in range(count)]
+
+    def note_release(self, at: float) -> None:
+        """A release at ``at``: what :meth:`floor` counts from. :meth:`acquire` calls it;
+        a caller that paces elsewhere (the Ray engine's cluster limiter, told of its
+        workers' sends) calls it with each send's instant, in order."""
+        self._released = max(self._released, at)
+        if self._recent is not None:
+            self._recent.append(at)
 
     def push_back(self, until: float) -> None:
         """Start the schedule again at ``until``: every waiter re-reserves behind it."""

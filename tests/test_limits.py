@@ -12,7 +12,7 @@ import pytest
 from tenacity import RetryCallState
 
 from batcher.errors import BadRequest, RateLimited, ServerError
-from batcher.limits import TIMER_SLACK, Throttle
+from batcher.limits import SLICE_WINDOW, TIMER_SLACK, Pacer, Throttle
 from batcher.retry import (
     retrying,
     stop_after_failures_or_rate_limit_wait,
@@ -460,3 +460,18 @@ def test_rate_limits_do_not_count_as_attempts_and_are_bounded_by_time() -> None:
     assert not fresh(_state(RateLimited("later", 429), 2))
     clock[0] = 100.0
     assert fresh(_state(RateLimited("later", 429), 3))  # 100 s of 429s: give the row up
+
+
+def test_the_release_floor_is_the_spacing_and_the_window_for_one_or_several_releases() -> None:
+    """What a caller pacing elsewhere (the Ray engine's cluster limiter) reads off a request
+    pacer told of the releases: 5 a second, released at 0.0, 0.2, ... 0.8 s."""
+    pacer = Pacer(5.0, spacing=True)
+    assert pacer.floor() == -math.inf and pacer.window_floors(2) == [-math.inf] * 2
+    for k in range(4):
+        pacer.note_release(0.2 * k)
+    # Four of five in the window: the next is bound by the spacing only, the one after
+    # by the window (the first release + SLICE_WINDOW).
+    assert pacer.window_floors(2) == [-math.inf, SLICE_WINDOW]
+    pacer.note_release(0.8)
+    assert pacer.floor() == max(0.8 + pacer.min_gap, SLICE_WINDOW)
+    assert pacer.window_floors(3) == [0.2 * k + SLICE_WINDOW for k in range(3)]

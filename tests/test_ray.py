@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import itertools
 import json
+import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,9 +31,20 @@ import pytest
 from aiohttp import web
 
 from batcher.config import make_config
+from batcher.engines.ray.limiter import (
+    CONFIRMED_RPM,
+    GRANT_EXPIRY,
+    ClusterLimiter,
+    ClusterSlots,
+    ConfirmedSlots,
+    LeasedSlots,
+    shared_limit,
+)
+from batcher.limits import SLICE_WINDOW, TIMER_SLACK, Throttle
 from batcher.runner import Runner
 from batcher.simulate import SimulatorThread
 from tests.conftest import prompts, read_output, run_cli, write_jsonl
+from tests.virtual_clock import VirtualClockLoop, run_virtual
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -146,6 +161,22 @@ def test_four_actors_keep_one_limit(ray_address: str, make_sim: Callable[..., Si
     _exactly_once(out, [f"r{i}" for i in range(n)])
 
 
+def test_four_actors_keep_a_strict_interval_limiter(
+        ray_address: str, make_sim: Callable[..., SimulatorThread], tmp_path: Path) -> None:
+    """The server admits one request per 50 ms since the last one (nginx limit_req without
+    burst); four actors at --rpm 1000 (60 ms) never send two closer than that together, so
+    it refuses (almost) none: each refusal would be a 429 and a cooldown of every actor."""
+    n = 120
+    sim = make_sim(strict_rpm=1200, latency_ms=20)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(n))
+    out = tmp_path / "out.parquet"
+    result = _run(src, out, sim.base_url, "--engine", "ray", "--ray-actors", "4",
+                  "--concurrency", "4", "--rpm", "1000")
+    assert result.exit_code == 0, result.stderr
+    assert sim.stats.strict_refused <= n // 100, sim.stats.as_dict()
+    _exactly_once(out, [f"r{i}" for i in range(n)])
+
+
 def test_four_actors_keep_one_token_limit(ray_address: str,
                                           make_sim: Callable[..., SimulatorThread],
                                           tmp_path: Path) -> None:
@@ -230,6 +261,219 @@ def test_a_429_cools_down_every_actor(ray_address: str, tmp_path: Path) -> None:
     assert inside == [], f"{len(inside)} requests sent inside the cooldown"
     assert len(server.arrivals) == 41
     _exactly_once(out, [f"r{i}" for i in range(40)])
+
+
+# --- the cluster limiter on a virtual clock -------------------------------------------------
+# One event loop stands in for the limiter actor and every worker: a handle's calls arrive
+# after a one-way delay and answer after another, as Ray's do. No Ray, no sleeping.
+
+
+class _Handle:
+    """An actor handle's stand-in: ``handle.method.remote(*args)`` runs ``method`` on
+    ``actor`` ``delay`` seconds later and its answer arrives ``delay`` after that."""
+
+    def __init__(self, actor: Any, delay: float) -> None:
+        self._actor = actor
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._actor, name)
+        delay = self._delay
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any) -> asyncio.Future[Any]:
+                async def call() -> Any:
+                    await asyncio.sleep(delay)
+                    result = method(*args)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    await asyncio.sleep(delay)
+                    return result
+
+                return asyncio.ensure_future(call())
+
+        return _Method()
+
+
+class _Broadcast:
+    """What the limiter registers for a worker: its cooldown broadcast reaches ``throttle``
+    and ``slots`` as :meth:`SendWorker.cooldown` would (clocks are the loop's here)."""
+
+    def __init__(self, slots: ClusterSlots, throttle: Throttle, delay: float) -> None:
+        self.cooldown = _Handle(self, delay).heard
+
+        self._slots, self._throttle = slots, throttle
+
+    def heard(self, until: float) -> None:
+        self._slots.heard_cooldown(until)
+        self._throttle.cool_until(until)
+
+
+def _cluster_sends(rpm: float, n: int, *, actors: int = 4, senders: int = 16,
+                   delay: float = 0.001, seed: int = 3, noise: bool = True,
+                   kind: type[ClusterSlots] | None = None,
+                   refuse_at: int | None = None, refused: list[float] | None = None,
+                   loop_type: type[VirtualClockLoop] = VirtualClockLoop,
+                   held_up: float = 0.0) -> list[tuple[float, int]]:
+    """``(release time, actor)`` of ``n`` sends by ``actors`` workers sharing one
+    :class:`ClusterLimiter` at ``rpm``, each with ``senders`` senders. With ``noise`` the loop
+    is blocked for 2-12 ms every 10-80 ms (a loaded machine: wake-ups come late, and a worker
+    late for its slot sends late). ``kind``: the worker side (default: as the engine picks).
+    ``refuse_at``: the send of that number starts a 1 s cooldown (a 429) on its worker, at
+    the instant it appends to ``refused``. ``loop_type``: the virtual loop to run on.
+    ``held_up``: the share of sends whose worker is held up for 2-12 ms between the release
+    and the write (descheduled, a GC pause); the time recorded is the write's."""
+    rng = random.Random(seed)
+
+    async def main() -> list[tuple[float, int]]:
+        loop = asyncio.get_running_loop()
+        limiter = ClusterLimiter(rpm, None, clock=loop.time)
+        handle = _Handle(limiter, delay)
+        times: list[tuple[float, int]] = []
+        remaining = iter(range(n))
+
+        async def sender(actor: int, throttle: Throttle) -> None:
+            for number in remaining:
+                await throttle.acquire()
+                if rng.random() < held_up:
+                    loop._virtual_now += rng.uniform(0.002, 0.012)  # type: ignore[attr-defined]
+                times.append((loop.time(), actor))
+                if number == refuse_at and refused is not None:
+                    refused.append(loop.time())
+                    throttle.on_rate_limited(1.0)
+
+        async def busy() -> None:
+            while len(times) < n:
+                await asyncio.sleep(rng.uniform(0.01, 0.08))
+                loop._virtual_now += rng.uniform(0.002, 0.012)  # type: ignore[attr-defined]
+
+        work = []
+        for actor in range(actors):
+            slots = (kind(handle, rpm=rpm, tpm=None, clock=loop.time) if kind is not None
+                     else shared_limit(handle, rpm=rpm, tpm=None, clock=loop.time))
+            throttle = Throttle(rpm=rpm, tpm=None, concurrency=senders, shared=slots)
+            limiter.register(_Broadcast(slots, throttle, delay))
+            work += [sender(actor, throttle) for _ in range(senders)]
+        await asyncio.gather(*work, *([busy()] if noise else []))
+        await asyncio.sleep(10 * delay)     # the last confirmations and broadcasts land
+        return sorted(times)
+
+    loop = loop_type()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _gaps(times: list[tuple[float, int]]) -> list[float]:
+    return [b - a for (a, _), (b, _) in itertools.pairwise(times)]
+
+
+def _rate(times: list[tuple[float, int]]) -> float:
+    return (len(times) - 1) / (times[-1][0] - times[0][0]) * 60
+
+
+def test_confirmed_turns_keep_a_strict_interval_across_actors_on_a_busy_loop() -> None:
+    """The nginx-like case: no two sends of the cluster closer than --rpm's interval (less the
+    millisecond of timer slack), however late a worker woke. Leases at wall-clock instants,
+    on the same loop, put some pairs much closer (one worker late, the next on time)."""
+    rpm = 2500
+    floor = 60 / rpm - TIMER_SLACK - 1e-9
+    times = _cluster_sends(rpm, 1500)
+    assert len({actor for _, actor in times}) == 4          # every actor sent
+    assert min(_gaps(times)) >= floor, min(_gaps(times))
+    assert 0.9 * rpm <= _rate(times) <= rpm, _rate(times)
+    leased = _cluster_sends(rpm, 1500, kind=LeasedSlots)
+    assert min(_gaps(leased)) < 60 / rpm - 0.005, min(_gaps(leased))
+
+
+class _EarlyTimers(VirtualClockLoop):
+    """Timers fire 0.3 ms before their time, as uvloop's may (it counts a timer from the
+    loop's cached clock; Ray runs async actors on uvloop)."""
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
+                context: Any = None) -> asyncio.TimerHandle:
+        return super().call_at(when - 0.0003, callback, *args, context=context)
+
+
+def test_a_timer_that_fires_early_does_not_bring_a_send_forward() -> None:
+    rpm = 2500
+    times = _cluster_sends(rpm, 600, loop_type=_EarlyTimers)   # busy: some sends floor-bound
+    assert min(_gaps(times)) >= 60 / rpm - TIMER_SLACK - 1e-9, min(_gaps(times))
+
+
+def test_a_worker_held_up_between_release_and_write_is_confirmed_as_of_the_write() -> None:
+    rpm = 2500
+    times = _cluster_sends(rpm, 600, noise=False, held_up=0.1)
+    assert min(_gaps(times)) >= 60 / rpm - TIMER_SLACK - 1e-9, min(_gaps(times))
+    assert _rate(times) >= 0.9 * rpm, _rate(times)
+
+
+def test_confirmed_turns_deliver_the_rate_when_the_loop_is_idle() -> None:
+    # Whole sends a second (a fractional one loses to the window what the slices round off).
+    for rpm in (600, 3000, 3600):
+        times = _cluster_sends(rpm, int(rpm / 6), noise=False, delay=0.003)
+        assert 0.99 * rpm <= _rate(times) <= rpm, (rpm, _rate(times))
+        assert min(_gaps(times)) >= 60 / rpm - TIMER_SLACK - 1e-9, rpm
+
+
+def test_confirmed_turns_never_put_more_than_the_limit_into_a_second() -> None:
+    """At 4,000 RPM (grants of two slots) on a busy loop: no window of a second (plus the
+    pacer's 2 ms) holds more than 66 sends, however the catching up fell."""
+    rpm = CONFIRMED_RPM
+    per_window = math.floor(rpm / 60)
+    times = [t for t, _ in _cluster_sends(rpm, 4000, seed=5)]
+    assert all(b - a >= SLICE_WINDOW - 1e-9
+               for a, b in zip(times, times[per_window:], strict=False))
+    assert _rate([(t, 0) for t in times]) >= 0.9 * rpm
+
+
+def test_a_cooldown_on_one_actor_holds_every_actor_on_confirmed_turns() -> None:
+    refused: list[float] = []
+    times = _cluster_sends(1200, 200, noise=False, refuse_at=40, refused=refused)
+    (refused_at,) = refused
+    # Only what was on its way to the wire already: the broadcast takes a round trip.
+    inside = [t for t, _ in times if refused_at + 0.005 < t < refused_at + 1.0]
+    assert inside == []
+    assert len(times) == 200
+    after = [(t, a) for t, a in times if t >= refused_at + 1.0]
+    assert min(_gaps(after)) >= 60 / 1200 - TIMER_SLACK - 1e-9   # no crowd after it
+
+
+def test_the_engine_picks_confirmed_turns_up_to_confirmed_rpm_and_leases_above() -> None:
+    assert isinstance(shared_limit(None, rpm=CONFIRMED_RPM, tpm=None), ConfirmedSlots)
+    assert isinstance(shared_limit(None, rpm=CONFIRMED_RPM + 1, tpm=None), LeasedSlots)
+    assert isinstance(shared_limit(None, rpm=None, tpm=6000), LeasedSlots)
+
+
+def test_a_turn_never_confirmed_expires_and_one_given_up_passes_at_once() -> None:
+    """A worker that died holding the turn holds the others up for GRANT_EXPIRY seconds
+    after its slot, no longer; a worker whose waiters were cancelled (a stop) gives its
+    grant back at once."""
+    async def main() -> tuple[float, float, int]:
+        loop = asyncio.get_running_loop()
+        limiter = ClusterLimiter(600, None, clock=loop.time)
+        handle = _Handle(limiter, 0.001)
+        _, (dead_slot,), _ = await handle.grant.remote(1)   # and never confirmed
+        alive = ConfirmedSlots(handle, rpm=600, tpm=None, clock=loop.time)
+        await alive.acquire(0)
+        after_expiry = loop.time()
+        quitter = ConfirmedSlots(handle, rpm=600, tpm=None, clock=loop.time)
+        waiting = asyncio.ensure_future(quitter.acquire(0))
+        await asyncio.sleep(0.01)          # it holds the turn, its slot 0.1 s ahead
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        started = loop.time()
+        await alive.acquire(0)
+        await asyncio.sleep(0.01)
+        return after_expiry - dead_slot, loop.time() - started, limiter.expired
+
+    held, next_wait, expired = run_virtual(main)
+    assert expired == 1
+    assert GRANT_EXPIRY <= held <= GRANT_EXPIRY + 0.2, held
+    assert next_wait <= 0.1 + 0.01, next_wait     # one interval, not an expiry
 
 
 # --- actors and drivers killed ----------------------------------------------------------------

@@ -18,8 +18,10 @@ How the work is divided (and why):
   answered, so an answer is durable as soon as in live mode. ``--concurrency × N``
   requests are in flight at most.
 - **One rate limit.** ``--rpm``/``--tpm`` are the account's: one named
-  :class:`~.limiter.ClusterLimiter` actor keeps the GCRA schedule and leases slots to the
-  workers in small batches; a 429's cooldown reaches every worker (see :mod:`.limiter`).
+  :class:`~.limiter.ClusterLimiter` actor keeps the GCRA schedule and hands slots to the
+  workers in small batches (confirmed turns up to 4,000 RPM, so that a strict interval
+  limiter holds across actors; leases above); a 429's cooldown reaches every worker (see
+  :mod:`.limiter`).
   Without ``--rpm``/``--tpm`` each worker sends unpaced, and a 429's cooldown still reaches
   all of them.
 - **An actor that dies** is restarted by Ray; the requests it had are sent again (they were

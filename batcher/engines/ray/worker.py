@@ -4,7 +4,7 @@ Each :class:`SendWorker` is an async Ray actor: Ray runs its methods on one asyn
 the actor's process, up to ``--concurrency`` sends at once. A send goes through the same
 :class:`~batcher.sender.Sender` as in live mode — the same providers, retry policy, error
 types and server-down watch — with a :class:`~batcher.limits.Throttle` that paces through
-the cluster's limiter (:class:`~batcher.engines.ray.limiter.LeasedSlots`). What it returns
+the cluster's limiter (:func:`~batcher.engines.ray.limiter.shared_limit`). What it returns
 is what the sender returned, made portable across processes, plus what the driver's job
 needs to hear (an abort, counters).
 """
@@ -26,7 +26,7 @@ from batcher.results import Failed, Sent
 from batcher.sender import Sender
 from batcher.types import HttpRequest, HttpResponse, RequestRow
 
-from .limiter import LeasedSlots
+from .limiter import ClusterSlots, shared_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ class SendWorker:
         self._abort: Aborted | JobFatal | None = None
         self._sender: Sender | None = None
         self._transport: Transport | None = None
-        self._slots: LeasedSlots | None = None
+        self._slots: ClusterSlots | None = None
         self._started: asyncio.Future[Sender] | None = None
         self._stop: asyncio.Event | None = None
 
@@ -135,7 +135,7 @@ class SendWorker:
         self._stop = asyncio.Event()
         self._transport = await Transport(concurrency=s.concurrency,
                                           timeout=s.timeout).__aenter__()
-        self._slots = LeasedSlots(self._limiter, rpm=s.rpm, tpm=s.tpm)
+        self._slots = shared_limit(self._limiter, rpm=s.rpm, tpm=s.tpm)
         throttle = Throttle(rpm=s.rpm, tpm=s.tpm, concurrency=s.concurrency,
                             shared=self._slots)
         self._sender = Sender(
