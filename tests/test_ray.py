@@ -17,11 +17,13 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -161,19 +163,59 @@ def test_four_actors_keep_one_limit(ray_address: str, make_sim: Callable[..., Si
     _exactly_once(out, [f"r{i}" for i in range(n)])
 
 
-def test_four_actors_keep_a_strict_interval_limiter(
-        ray_address: str, make_sim: Callable[..., SimulatorThread], tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _simulator_process(*args: str) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """``batcher simulate ARGS`` in a process of its own: (base URL, its /_stats). Where a
+    request's arrival time matters: in this process the server's thread would share one GIL
+    with the driver (run in-process), whose work would hold arrivals up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "batcher", "simulate", "--port", str(port),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _listening(port) or proc.poll() is not None, "the simulator", 30)
+        assert proc.poll() is None, "the simulator exited"
+
+        def stats() -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=10) as r:
+                got: dict[str, Any] = json.loads(r.read())
+                return got
+
+        yield f"http://127.0.0.1:{port}/v1", stats
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_four_actors_keep_a_strict_interval_limiter(ray_address: str, tmp_path: Path) -> None:
     """The server admits one request per 50 ms since the last one (nginx limit_req without
-    burst); four actors at --rpm 1000 (60 ms) never send two closer than that together, so
-    it refuses (almost) none: each refusal would be a 429 and a cooldown of every actor."""
+    burst); four actors at --rpm 900 (67 ms) never send two closer than that together, so it
+    refuses (almost) none: each refusal would be a 429 and a cooldown of every actor. The
+    17 ms between the two is for arrival jitter on a loaded 2-core machine (with both cores
+    busy, 10 ms was not enough: 2-8 refusals in 120); how close the turns themselves keep
+    the sends is tested on the virtual clock below."""
     n = 120
-    sim = make_sim(strict_rpm=1200, latency_ms=20)
     src = write_jsonl(tmp_path / "in.jsonl", prompts(n))
     out = tmp_path / "out.parquet"
-    result = _run(src, out, sim.base_url, "--engine", "ray", "--ray-actors", "4",
-                  "--concurrency", "4", "--rpm", "1000")
+    with _simulator_process("--strict-rpm", "1200", "--latency-ms", "20") as (url, stats):
+        result = _run(src, out, url, "--engine", "ray", "--ray-actors", "4",
+                      "--concurrency", "4", "--rpm", "900")
+        counts = stats()
     assert result.exit_code == 0, result.stderr
-    assert sim.stats.strict_refused <= n // 100, sim.stats.as_dict()
+    assert counts["strict_refused"] <= n // 100, counts
     _exactly_once(out, [f"r{i}" for i in range(n)])
 
 
