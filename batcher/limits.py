@@ -31,6 +31,14 @@ lose ~5% of a 6,000 RPM limit; a millisecond of catching up keeps delivery at th
 
 MAX_COOLDOWN = 60.0
 DEFAULT_COOLDOWN = 1.0
+PACED_COOLDOWN_SLOTS = 4
+"""A 429 with no advice while requests are paced at a stated ``--rpm``: the cooldown starts at
+this many of the limit's intervals (at most :data:`DEFAULT_COOLDOWN`) and doubles with each
+429 that follows without a success between. Sends paced at the limit that still meet such a
+429 have mostly met a strict gateway's interval through arrival jitter (nginx ``limit_req``
+sends no Retry-After): one refusal, not an overload, and a whole second each was most of the
+rate such a run lost. A real overload still backs off: the doubling reaches a second within
+a few refusals."""
 
 
 class Pacer:
@@ -396,7 +404,11 @@ class Throttle:
             if self.adaptive:
                 self._slow_down()
         if retry_after is None:
-            retry_after = min(MAX_COOLDOWN, DEFAULT_COOLDOWN * 2 ** (self._consecutive_429 - 1))
+            base = DEFAULT_COOLDOWN
+            stated = self._stated_rpm()
+            if stated:
+                base = min(DEFAULT_COOLDOWN, PACED_COOLDOWN_SLOTS * 60.0 / stated)
+            retry_after = min(MAX_COOLDOWN, base * 2 ** (self._consecutive_429 - 1))
         retry_after = min(MAX_COOLDOWN, max(0.0, retry_after))
         until = now + retry_after
         if until > self._cooldown_until:
@@ -406,6 +418,15 @@ class Throttle:
             self._cool_until(until)
             self.cooldowns += 1
         return retry_after
+
+    def _stated_rpm(self) -> float | None:
+        """The ``--rpm`` requests are paced at, when the user stated it (not a discovered
+        rate): this process's pacer's, or the shared limit's."""
+        if self.adaptive:
+            return None
+        if self._shared is not None:
+            return self._shared.rpm
+        return self._rpm.per_second * 60.0 if self._rpm is not None else None
 
     def _slow_down(self) -> None:
         """A 429 without stated limits: pace (or pace slower) at a discovered rate."""

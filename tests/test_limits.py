@@ -475,3 +475,24 @@ def test_the_release_floor_is_the_spacing_and_the_window_for_one_or_several_rele
     pacer.note_release(0.8)
     assert pacer.floor() == max(0.8 + pacer.min_gap, SLICE_WINDOW)
     assert pacer.window_floors(3) == [0.2 * k + SLICE_WINDOW for k in range(3)]
+
+
+def test_a_bare_429_while_paced_at_a_stated_rpm_cools_down_for_a_few_intervals() -> None:
+    # Paced sends that meet a 429 with no advice met a strict gateway's interval: a few of
+    # the limit's intervals, doubling while no success comes back, not a second each.
+    async def main() -> tuple[list[float], float, float]:
+        throttle = Throttle(rpm=2400, tpm=None, concurrency=4)
+        waits = []
+        for _ in range(3):
+            waits.append(throttle.on_rate_limited(None))
+            await throttle.wait_cooldown()
+        throttle.on_success({})
+        again = throttle.on_rate_limited(None)
+        slow = Throttle(rpm=30, tpm=None, concurrency=4).on_rate_limited(None)
+        return waits, again, slow
+
+    waits, again, slow = run_virtual(main)
+    interval = 60 / 2400
+    assert waits == pytest.approx([4 * interval, 8 * interval, 16 * interval])
+    assert again == pytest.approx(4 * interval)         # a success starts it over
+    assert slow == 1.0                                   # never more than the default
