@@ -319,8 +319,8 @@ def main() -> None:
     # Arrow's memory from malloc, not its default mimalloc, which keeps the pages a step
     # freed (a compaction, the plan, the final merge) mapped under the next one: malloc's
     # free pages are returned by release_memory() (malloc_trim). Set before pyarrow is
-    # imported (it reads this once); a user's own setting wins. Measured: a 100k-row run's
-    # peak 260 -> 224 MB.
+    # imported (it reads this once); a user's own setting wins. Measured: a 10M-row resume's
+    # peak 328 -> 315 MB, a 1M-row run's 311 -> 274 MB; no change in speed.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     try:
         cli.main(standalone_mode=True)

@@ -12,6 +12,12 @@ test routes every id to one partition with a constant hash). Memory is one parti
 Three users: the reader's plan (which input rows are done already, which are duplicates, and
 where each duplicate's id was first seen), the state's counters (the latest result per id),
 and the final output (the latest result per id, in input order).
+
+A resume needs no pass over the ids: what the first pass found about the input itself is kept
+(:func:`save_input_plan`), and every result carries its input row's ordinal, so the rows done
+(:func:`plan_from_ordinals`) and the output's order (:func:`ordinal_order`) are told by those
+numbers. That holds while every result was written for this very input (no ``--force-resume``
+since); otherwise the ids decide, as above.
 """
 
 from __future__ import annotations
