@@ -148,19 +148,25 @@ def _done(out: Path) -> int:
     return int(json.loads(result.stdout).get("done", 0)) if result.exit_code == 0 else 0
 
 
+def _kill_when_done(sim: SimulatorThread, src: Path, out: Path, at: int, *extra: str,
+                    concurrency: int = 16) -> None:
+    """Run the job in a process of its own and kill -9 it once ``at`` rows are done."""
+    proc = _start(sim, src, out, "--concurrency", str(concurrency), *extra)
+    deadline = time.monotonic() + 30
+    while _done(out) < at and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+
+
 def test_output_is_in_input_order_after_kill_9_and_resume(
         tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
     sim = make_sim(latency_ms=30, jitter_ms=30)
     rows = prompts(400)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.parquet"
-    proc = _start(sim, src, out, "--concurrency", "32")
-    deadline = time.monotonic() + 30
-    while _done(out) < 100 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=10)
+    _kill_when_done(sim, src, out, 100, concurrency=32)
     assert 0 < _done(out) < 400
     proc = _start(sim, src, out, "--concurrency", "32")
     _stdout, stderr = proc.communicate(timeout=120)
@@ -293,16 +299,6 @@ def test_the_latest_result_of_an_ordinal_decides_and_strangers_refuse(tmp_path: 
     assert [got.state(o) for o in range(1, 5)] == [NEW, NEW, DONE, NEW]
     # An ordinal the input does not have: these results were not written for it.
     assert idindex.plan_from_ordinals(idindex.RowPlan(4), _ordinal_sources([(5, True)])) is None
-
-
-def _kill_when_done(sim: SimulatorThread, src: Path, out: Path, at: int, *extra: str) -> None:
-    proc = _start(sim, src, out, "--concurrency", "16", *extra)
-    deadline = time.monotonic() + 30
-    while _done(out) < at and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=10)
 
 
 def test_a_resume_tells_the_rows_done_by_ordinal_without_reading_the_ids(
