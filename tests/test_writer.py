@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
@@ -299,3 +301,28 @@ def test_write_final_failing_midway_leaves_no_partial_output(
     assert calls == 3
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "p1.parquet"]
+
+
+def test_write_final_keeps_only_the_sources_it_is_reading_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 10M-row state has hundreds of parts; holding every one open cost memory that grew
+    # with the job and an open file each. Under an open-file limit far below the number of
+    # parts, the merge still finishes, in ordinal order.
+    monkeypatch.setattr(writer, "GATHER_ROWS", 6)
+    parts = [part_from_rows(tmp_path / f"p{k:03d}.parquet",
+                            [row(f"r{3 * k + j}", ordinal=3 * k + j + 1) for j in range(3)])
+             for k in range(150)]
+    out = tmp_path / "out.parquet"
+    # New descriptors take the lowest free numbers: 40 more than are open now (a shell's
+    # inherited fd 255 does not count against them).
+    free = len(os.listdir("/proc/self/fd")) + 40
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+    try:
+        rows = write_final(parts, out, input_ids=iter(()), input_rows=450, by_ordinal=True,
+                           spill_folder=tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert rows == 450
+    assert pq.read_table(out, columns=["id"]).column("id").to_pylist() == [
+        f"r{i}" for i in range(450)]

@@ -625,7 +625,9 @@ class _RangeSpill:
                 seqs = _flat(table["seq"]).take(order)
                 if latest:
                     seqs = seqs.filter(pc.invert(_same_as_next(_flat(table["pos"]).take(order))))
+                # Only the seqs live on while the caller gathers this range's rows.
+                del table, order
                 yield seqs
-                del table, order, seqs
+                del seqs
         finally:
             self.close()

@@ -735,19 +735,19 @@ def write_final(sources: Sequence[Path], output: Path,
     filled from ``parsed`` (see :mod:`batcher.io.flatten`), after the input's columns.
     """
     release_memory()
-    files: list[pq.ParquetFile] = []
+    layouts: list[_Layout] = []
+    for src in sources:
+        with _read_guard(src), pq.ParquetFile(src, pre_buffer=False) as pf:
+            layouts.append(_Layout.of(pf))
+    base = unify([layout.schema for layout in layouts])
+    if metadata:
+        base = base.with_metadata(dict(metadata))
+    schema = pa.schema([*base, *column_fields(flatten, base.names)])
+    if base.metadata:
+        schema = schema.with_metadata(base.metadata)
+    counts = [layout.group_starts[-1] for layout in layouts]
+    gather = _Gatherer(list(sources), layouts, base)
     try:
-        for src in sources:
-            with _read_guard(src):
-                files.append(pq.ParquetFile(src, pre_buffer=False))
-        base = unify([f.schema_arrow for f in files])
-        if metadata:
-            base = base.with_metadata(dict(metadata))
-        schema = pa.schema([*base, *column_fields(flatten, base.names)])
-        if base.metadata:
-            schema = schema.with_metadata(base.metadata)
-        counts = [f.metadata.num_rows for f in files]
-        gather = _Gatherer(list(sources), files, base)
         tmp = tmp_path_for(output)
         rows = 0
         try:
@@ -810,8 +810,7 @@ def write_final(sources: Sequence[Path], output: Path,
                 tmp.unlink()
             raise
     finally:
-        for pf in files:
-            pf.close()
+        gather.close()
     return rows
 
 
@@ -826,38 +825,63 @@ def _guarded(path: Path, read: Callable[[Path], Iterator[tuple[pa.Array[Any], pa
         yield item
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the final merge needs of one source before reading it: its schema and where each
+    row group starts (the last entry is its row count)."""
+
+    schema: pa.Schema
+    group_starts: list[int]
+
+    @staticmethod
+    def of(pf: pq.ParquetFile) -> _Layout:
+        metadata = pf.metadata
+        starts = [0]
+        for index in range(metadata.num_row_groups):
+            starts.append(starts[-1] + metadata.row_group(index).num_rows)
+        return _Layout(pf.schema_arrow, starts)
+
+
 class _Gatherer:
     """Rows of several Parquet sources by global row number (sources concatenated), conformed
     to one schema. Reads whole row groups; keeps those the last call used (output order
-    mostly walks each source forward, so the next call usually needs them again)."""
+    mostly walks each source forward, so the next call usually needs them again).
 
-    def __init__(self, paths: list[Path], files: list[pq.ParquetFile],
-                 schema: pa.Schema) -> None:
+    A source is open only while the last call used it: a 10M-row state has hundreds of parts,
+    and each open Parquet file holds its metadata and read buffers (RSS that grew with the
+    number of rows)."""
+
+    def __init__(self, paths: list[Path], layouts: list[_Layout], schema: pa.Schema) -> None:
         self.paths = paths
-        self.files = files
         self.schema = schema
         self.starts: list[int] = []
-        self.group_starts: list[list[int]] = []
+        self.group_starts = [layout.group_starts for layout in layouts]
         total = 0
-        for pf in files:
+        for layout in layouts:
             self.starts.append(total)
-            metadata = pf.metadata
-            offsets = []
-            offset = 0
-            for index in range(metadata.num_row_groups):
-                offsets.append(offset)
-                offset += metadata.row_group(index).num_rows
-            offsets.append(offset)
-            self.group_starts.append(offsets)
-            total += metadata.num_rows
+            total += layout.group_starts[-1]
         self.starts.append(total)
         self._cache: dict[tuple[int, int], pa.Table] = {}
+        self._open: dict[int, pq.ParquetFile] = {}
+
+    def close(self) -> None:
+        for pf in self._open.values():
+            pf.close()
+        self._open = {}
+        self._cache = {}
+
+    def _file(self, source: int) -> pq.ParquetFile:
+        pf = self._open.get(source)
+        if pf is None:
+            with _read_guard(self.paths[source]):
+                pf = self._open[source] = pq.ParquetFile(self.paths[source], pre_buffer=False)
+        return pf
 
     def _group(self, source: int, group: int) -> pa.Table:
         key = (source, group)
         table = self._cache.get(key)
         if table is None:
-            batches = self.files[source].iter_batches(
+            batches = self._file(source).iter_batches(
                 batch_size=PART_BATCH_ROWS, row_groups=[group], use_threads=False)
             conformed = []
             while True:
@@ -879,7 +903,7 @@ class _Gatherer:
         order = pc.sort_indices(seqs)
         ordered = seqs.take(order)
         values = cast("list[int]", ordered.to_pylist())
-        for source in range(len(self.files)):
+        for source in range(len(self.paths)):
             low, high = self.starts[source], self.starts[source + 1]
             begin, end = bisect.bisect_left(values, low), bisect.bisect_left(values, high)
             if begin == end:
@@ -895,6 +919,8 @@ class _Gatherer:
             places.append(order.slice(begin, end - begin))
         for key in [k for k in self._cache if k not in used]:
             del self._cache[key]
+        for source in [s for s in self._open if not any(k[0] == s for k in used)]:
+            self._open.pop(source).close()
         if not pieces:
             return self.schema.empty_table()
         table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]

@@ -21,7 +21,13 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, uninstalled
 from batcher.checkpoint import StateStore, state_dir_for
 from batcher.io.idindex import RowPlan, input_plan_key, save_input_plan
-from batcher.io.writer import ORDINAL_COLUMN, RESULT_SCHEMA, encode_records, result_to_record
+from batcher.io.writer import (
+    ORDINAL_COLUMN,
+    PART_BATCH_ROWS,
+    RESULT_SCHEMA,
+    encode_records,
+    result_to_record,
+)
 from batcher.runner import INPUT_PLAN
 from batcher.types import ResultRow
 
@@ -64,8 +70,9 @@ def build(output: Path, done: int, rows: int | None = None) -> None:
     seq = 0
     for start in range(0, in_parts, PART_ROWS):
         seq += 1
+        # Row groups as the run's compaction writes them (batcher.io.writer.write_part).
         pq.write_table(_part(start, min(PART_ROWS, in_parts - start)),
-                       state / f"part-{seq:06d}.parquet")
+                       state / f"part-{seq:06d}.parquet", row_group_size=PART_BATCH_ROWS)
     results = [ResultRow(id=f"row-{i:08d}", status="ok", output="journal answer",
                          prompt_tokens=20, completion_tokens=20, cost_usd=1e-5,
                          columns={"expected": i % 7}, ordinal=i + 1)
