@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import orjson
 
@@ -151,6 +152,17 @@ class JsonlScan:
         is_template = shape == "template"
         prompt_column = builder.prompt_column
         plain_keys: dict[tuple[str, ...], bool] = {}
+
+        def is_plain(keys: tuple[str, ...]) -> bool:
+            # Whether rows with these keys carry nothing the request takes but the prompt
+            # (remembered for a bounded number of key tuples, as the builder does).
+            plain = plain_keys.get(keys)
+            if plain is None:
+                plain = not _KeyPlan.make(keys, shape or "prompt", id_column).overrides and (
+                    shape == "template" or prompt_column in keys)
+                if len(plain_keys) < _PLAN_CACHE_LIMIT:
+                    plain_keys[keys] = plain
+            return plain
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
 
         prompts: list[str] = []
@@ -171,10 +183,56 @@ class JsonlScan:
             pieces = block.split(b"\n")
             if block.endswith(b"\n"):
                 pieces.pop()  # the empty piece after the final newline
-            for raw in pieces:
+            parsed: list[object] | None = None
+            if fast and not is_template and build is not None and plan_state is None \
+                    and (gather is None or gather.given is id_rule.given) \
+                    and id_rule.given is not None:
+                # A whole block at C speed when every line is an object (no blank line) and
+                # every row is plain: same keys as ever, ids as the rule wants, text prompts.
+                n = len(pieces)
+                if block.count(b"\n{") + (1 if block.startswith(b"{") else 0) == n:
+                    try:
+                        parsed = list(map(loads, pieces))
+                    except decode_error:
+                        parsed = None
+                if parsed is not None and set(map(type, parsed)) == {dict}:
+                    objs = cast("list[dict[str, object]]", parsed)
+                    keysets = set(map(tuple, objs))
+                    if all(plain_keys.get(keys) or is_plain(keys) for keys in keysets):
+                        raw_ids = [obj.get(id_column) for obj in objs]
+                        id_types = set(map(type, raw_ids))
+                        if id_rule.given:
+                            ids_follow = id_types == {str} and "" not in raw_ids
+                        else:
+                            ids_follow = id_types == {type(None)}
+                        texts = [obj[prompt_column] for obj in objs]
+                        if ids_follow and set(map(type, texts)) == {str}:
+                            first_line, first_ordinal = line + 1, ordinal + 1
+                            if gather is not None:
+                                if id_rule.given:
+                                    ids.extend(cast("list[str]", raw_ids))
+                                else:
+                                    ids.extend([f"row-{o}" for o in
+                                                range(first_ordinal, first_ordinal + n)])
+                                ordinals.extend(range(first_ordinal, first_ordinal + n))
+                                positions.extend(range(first_line, first_line + n))
+                            prompts.extend(cast("list[str]", texts))
+                            lines.extend(range(first_line, first_line + n))
+                            line += n
+                            ordinal += n
+                            consumed += n
+                            if consumed >= CHUNK_ROWS:
+                                yield ScanChunk(source, prompts, lines, rows, row_at,
+                                                id_lists.take() if gather is not None else None)
+                                prompts, lines, rows, row_at = [], [], [], []
+                                id_lists.start()
+                                ids, ordinals, positions = id_lists.take()
+                                consumed = 0
+                            continue
+            for index, raw in enumerate(pieces):
                 line += 1
                 try:
-                    obj = loads(raw)
+                    obj = loads(raw) if parsed is None else parsed[index]
                 except decode_error as exc:
                     if not raw.strip():
                         continue  # blank lines are ignored but keep their line number
@@ -220,12 +278,7 @@ class JsonlScan:
                         follows = raw_id is None and id_rule.given is False
                     if fast and follows and (plan_state is None or plan_state(ordinal) == NEW):
                         keys = tuple(obj)
-                        plain = plain_keys.get(keys)
-                        if plain is None:
-                            plain = not _KeyPlan.make(keys, shape or "prompt", id_column).overrides
-                            if len(plain_keys) < _PLAN_CACHE_LIMIT:
-                                plain_keys[keys] = plain
-                        if plain:
+                        if plain_keys.get(keys) or is_plain(keys):
                             if is_template:
                                 assert template is not None
                                 rendered = template.render(obj)
