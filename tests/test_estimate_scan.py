@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import batcher.io.readers as readers
 import batcher.io.scan as scan
 from batcher.estimate import EstimateReport, estimate, estimate_jsonl
 from batcher.io.readers import iter_batches
@@ -124,10 +125,14 @@ CTXS = {
 
 
 @pytest.mark.parametrize("name", list(CTXS))
-@pytest.mark.parametrize("chunk", [8192, 5])
+@pytest.mark.parametrize(("chunk", "block"), [(8192, 1 << 20), (5, 1 << 20), (7, 300)])
 def test_prompt_rows_of_every_kind_give_the_straightforward_report(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, chunk: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, chunk: int,
+        block: int) -> None:
     monkeypatch.setattr(scan, "CHUNK_ROWS", chunk)  # chunks mixing plain and other rows
+    # Small read blocks: whole blocks of plain rows take the block-at-once path, the others
+    # (a bad row, a row with its own model...) the row-by-row one.
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", block)
     src = _write(tmp_path / "in.jsonl", _prompt_lines(), bom=True)
     report = _same(src, CTXS[name])
     assert report.bad_rows >= 15 and report.rows > 50
@@ -140,6 +145,20 @@ def test_prompt_rows_of_every_kind_give_the_straightforward_report(
 def test_other_endpoints(tmp_path: Path, endpoint: str) -> None:
     src = _write(tmp_path / "in.jsonl.gz", _prompt_lines())
     _same(src, CTXS["chat+system+bound"], endpoint)
+
+
+def test_plain_blocks_with_and_without_ids(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", 2000)
+    ctx = CTXS["chat+system+bound"]
+    with_ids = [json.dumps({"id": f"r{i % 250}", "prompt": _text(i, 3 + i % 30)})
+                for i in range(300)]
+    report = _same(_write(tmp_path / "ids.jsonl", with_ids), ctx)
+    assert report.rows == 250 and report.bad_rows == 50
+    without = [json.dumps({"prompt": _text(i, 3 + i % 30), "note": i}) for i in range(300)]
+    without[150] = json.dumps({"prompt": "an id among rows without", "id": "x"})
+    report = _same(_write(tmp_path / "no-ids.jsonl", without), ctx)
+    assert report.rows == 299 and report.bad_rows == 1
 
 
 def test_templates_and_prompt_columns(tmp_path: Path) -> None:
@@ -206,3 +225,6 @@ def test_the_command_reports_duplicates_and_bad_rows_as_before(tmp_path: Path) -
     assert f"duplicate id 'r0' (first seen at {src}:1)" in result.stderr
     assert f"{src}:1001" not in result.stderr  # 20 bad rows are named, in input order
     assert result.stderr.count("bad_row_skipped") == 20
+    dry = run_cli("run", src, "-o", tmp_path / "out.parquet", "--model", "gpt-4o-mini",
+                  "--dry-run", "--json")
+    assert dry.exit_code == 1 and json.loads(dry.stdout) == data

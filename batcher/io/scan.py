@@ -123,13 +123,15 @@ class JsonlScan:
 
     def _rows_hint(self) -> int:
         # The plan's spill is sized by the number of rows; a guess from the first block's
-        # lines is enough for that (a plain file), without a pass of its own.
-        if self.gz:
-            return count_rows(self.file)
-        for block in _read_blocks(self.file, self.source, gz=False):
-            lines = max(1, block.count(b"\n"))
-            return int(self.file.stat().st_size * lines / max(1, len(block))) + 1
-        return 0
+        # lines is enough for that, without a pass of its own (unless that block holds too
+        # few lines to tell, or the file is compressed).
+        if not self.gz:
+            for block in _read_blocks(self.file, self.source, gz=False):
+                lines = block.count(b"\n")
+                if lines >= 100:
+                    return int(self.file.stat().st_size * lines / len(block)) + 1
+                break
+        return count_rows(self.file)
 
     def _problem(self, problem: InputProblem) -> None:
         self.bad += 1
