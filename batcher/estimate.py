@@ -370,6 +370,7 @@ class _Tally:
 
     def report(self, *, rpm: float | None, tpm: float | None, concurrency: int,
                latency_s: float, bad_rows: int) -> EstimateReport:
+        """The report of the rows added so far (see :func:`estimate` for the fields)."""
         by_model: list[ModelEstimate] = []
         unknown: list[str] = []
         for model, acc in sorted(self.accs.items(), key=lambda kv: (-kv[1].rows, kv[0] or "")):
