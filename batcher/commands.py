@@ -20,8 +20,9 @@ import orjson
 from batcher.checkpoint import read_meta, state_dir_for, status
 from batcher.config import RunConfig, make_config
 from batcher.errors import Aborted, BatcherError, ConfigError, ExitCode, fail
-from batcher.estimate import EstimateReport, estimate
+from batcher.estimate import EstimateReport, estimate, estimate_jsonl
 from batcher.io.readers import iter_batches
+from batcher.io.scan import is_jsonl
 from batcher.jobfile import CLI_ONLY_KEYS, is_job_file, job_outputs, load_job
 from batcher.log import LogFormat, bind_log_context, configure_logging, get_logger
 from batcher.runner import MAX_PROBLEMS_LOGGED, Runner
@@ -245,6 +246,19 @@ def estimate_job(config: RunConfig) -> EstimateReport:
                     log.warning("bad_row_skipped", where=f"{problem.source}:{problem.line}",
                                 field=problem.field, problem=problem.message)
             yield from batch.rows
+
+    if config.cache is None and is_jsonl(config.input):
+        # The one-pass dry run (no request built for a row that is only a prompt). The bad
+        # rows are logged as `run` logs them, once the pass is over.
+        report, problems = estimate_jsonl(
+            config.input, options, ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,
+            concurrency=config.concurrency, price_input=config.price_input,
+            price_output=config.price_output, prices_table=config.prices,
+            batch=config.mode == "batch", problems_kept=MAX_PROBLEMS_LOGGED)
+        for problem in problems:
+            log.warning("bad_row_skipped", where=f"{problem.source}:{problem.line}",
+                        field=problem.field, problem=problem.message)
+        return report
 
     def misses() -> Iterator[RequestRow]:
         nonlocal hits

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from batcher.io.idindex import RowPlan
+from batcher.io.rows import InputProblem, ReaderOptions
+from batcher.io.scan import JsonlScan, ScanChunk
 from batcher.pricing import (
     Price,
     batch_price,
@@ -20,6 +24,7 @@ from batcher.tokens import (
     APPROX_FACTOR,
     DEFAULT_MAX_OUTPUT_TOKENS,
     batch_input_tokens,
+    prompt_counter,
     request_max_output_tokens,
     row_model,
     tokenizer_name,
@@ -254,6 +259,160 @@ class _Acc:
     cost_max: float = 0.0
 
 
+_Known = tuple[int, bool, "int | None"]
+"""What a request asks for besides its prompt: (output bound, whether that bound is the
+assumed default, its model's context window)."""
+
+
+class _Tally:
+    """The running totals of an estimate, row by row in input order (the first row over a
+    context window is reported, and tiered prices are summed in that order)."""
+
+    def __init__(self, ctx: RequestContext, endpoint: str, *, price_input: float | None,
+                 price_output: float | None,
+                 prices_table: Mapping[str, Mapping[str, float]] | None, batch: bool) -> None:
+        self.ctx, self.endpoint, self.batch = ctx, endpoint, batch
+        self.price_input, self.price_output, self.prices_table = (
+            price_input, price_output, prices_table)
+        self.accs: dict[str | None, _Acc] = {}
+        self.prices: dict[str | None, Price | None] = {}
+        self.over: dict[str | None, tuple[int, str, int]] = {}  # model: (rows, first, window)
+        self.default_max = 0
+        # A row with no params or body of its own asks for what the job does: its output
+        # bound, whether that is the assumed default, and its model's window are worked out
+        # once.
+        self.plain: dict[tuple[str | None, str | None], _Known] = {}
+        self.plain_row = RequestRow(id="", shape="prompt", source="", line=0, prompt="")
+        """Stands for every row that is only a prompt (see :meth:`add_prompts`)."""
+
+    def _model(self, model: str | None) -> tuple[_Acc, Price | None]:
+        acc = self.accs.get(model)
+        if acc is None:
+            acc = self.accs[model] = _Acc()
+            price = price_for(model, price_input=self.price_input,
+                              price_output=self.price_output, table=self.prices_table)
+            self.prices[model] = batch_price(price) if self.batch else price
+        return acc, self.prices[model]
+
+    def _known(self, row: RequestRow, model: str | None) -> _Known:
+        plain = not row.params and row.body is None
+        known = self.plain.get((row.model, row.url)) if plain else None
+        if known is None:
+            n_out = request_max_output_tokens(row, self.ctx, self.endpoint)
+            known = (n_out, n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, self.ctx),
+                     context_window(model))
+            if plain:
+                self.plain[(row.model, row.url)] = known
+        return known
+
+    def add_row(self, row: RequestRow, n_in: int, line: int | None = None) -> None:
+        """One row's request of ``n_in`` input tokens (``line``: where it is, when ``row``
+        stands for it)."""
+        model = row_model(row, self.ctx)
+        acc, price = self._model(model)
+        n_out, assumed, window = self._known(row, model)
+        if window is not None and n_in > window:
+            n, where, _ = self.over.get(
+                model, (0, f"{row.source}:{row.line if line is None else line}", window))
+            self.over[model] = (n + 1, where, window)
+        if assumed:
+            self.default_max += 1
+        acc.rows += 1
+        acc.input_tokens += n_in
+        acc.output_max += n_out
+        if price is not None and price.tiers:
+            # Long-context rates depend on each request's prompt; flat rates are priced
+            # once from the totals in report().
+            acc.cost_input += input_cost_usd(price, n_in) or 0.0
+            acc.cost_max += max_cost_usd(price, n_in, n_out) or 0.0
+
+    def add_rows(self, rows: Sequence[RequestRow], counts: Sequence[int]) -> None:
+        for row, n_in in zip(rows, counts, strict=True):
+            self.add_row(row, n_in)
+
+    def add_prompts(self, source: str, lines: Sequence[int], counts: Sequence[int]) -> None:
+        """Rows that are only a prompt (nothing of their own but an id), at ``lines`` of
+        ``source``, with their input tokens: the same as :meth:`add_row` on each, in order,
+        with the per-row work done for them all at once."""
+        if not counts:
+            return
+        row = self.plain_row
+        model = row_model(row, self.ctx)
+        acc, price = self._model(model)
+        n_out, assumed, window = self._known(row, model)
+        n = len(counts)
+        if (window is not None and max(counts) > window) or (price is not None and price.tiers):
+            row = replace(row, source=source)
+            for n_in, line in zip(counts, lines, strict=True):
+                self.add_row(row, n_in, line)
+            return
+        if assumed:
+            self.default_max += n
+        acc.rows += n
+        acc.input_tokens += sum(counts)
+        acc.output_max += n_out * n
+
+    def add_chunk(self, chunk: ScanChunk, prompt_counts: Sequence[int],
+                  row_counts: Sequence[int]) -> None:
+        """A chunk of a scan (:mod:`batcher.io.scan`), its rows in input order."""
+        if not chunk.rows:
+            self.add_prompts(chunk.source, chunk.lines, prompt_counts)
+            return
+        row = replace(self.plain_row, source=chunk.source)
+        p = 0
+        for r, (at, other) in enumerate(zip(chunk.row_at, chunk.rows, strict=True)):
+            while p + r < at:
+                self.add_row(row, prompt_counts[p], chunk.lines[p])
+                p += 1
+            self.add_row(other, row_counts[r])
+        for n_in, line in zip(prompt_counts[p:], chunk.lines[p:], strict=True):
+            self.add_row(row, n_in, line)
+
+    def report(self, *, rpm: float | None, tpm: float | None, concurrency: int,
+               latency_s: float, bad_rows: int) -> EstimateReport:
+        """The report of the rows added so far (see :func:`estimate` for the fields)."""
+        by_model: list[ModelEstimate] = []
+        unknown: list[str] = []
+        for model, acc in sorted(self.accs.items(), key=lambda kv: (-kv[1].rows, kv[0] or "")):
+            price = self.prices[model]
+            cost_in: float | None = None
+            cost_max: float | None = None
+            if price is not None:
+                if price.tiers:
+                    cost_in, cost_max = acc.cost_input, acc.cost_max
+                else:
+                    cost_in = acc.input_tokens * price.input_per_m / 1_000_000
+                    cost_max = cost_in + acc.output_max * price.output_per_m / 1_000_000
+            else:
+                unknown.append(model or NO_MODEL)
+            by_model.append(ModelEstimate(
+                model=model, rows=acc.rows, input_tokens=acc.input_tokens,
+                output_tokens_max=acc.output_max, cost_usd_input=cost_in,
+                cost_usd_max=cost_max, price=price, tokenizer=tokenizer_name(model)))
+
+        n_rows = sum(m.rows for m in by_model)
+        n_in = sum(m.input_tokens for m in by_model)
+        n_out = sum(m.output_tokens_max for m in by_model)
+        total_in = None if unknown else math.fsum(m.cost_usd_input or 0.0 for m in by_model)
+        total_max = None if unknown else math.fsum(m.cost_usd_max or 0.0 for m in by_model)
+        seconds, bound_by = _seconds(n_rows, n_in + n_out, rpm=rpm, tpm=tpm,
+                                     concurrency=concurrency, latency_s=latency_s)
+        notes = _notes(by_model, unknown, self.default_max, self.endpoint, rpm=rpm, tpm=tpm,
+                       concurrency=concurrency, latency_s=latency_s)
+        if self.batch:
+            notes.insert(0, "batch mode: priced at the Batch API rate (50% of live); the time "
+                            "is the provider's, up to 24 h per batch, not the time estimated "
+                            "here")
+        notes[:0] = [f"{n:,} row(s) exceed {model}'s context window of {window:,} tokens "
+                     f"(first at {where}): the server will most likely refuse or cut them"
+                     for model, (n, where, window) in self.over.items()]
+        return EstimateReport(
+            rows=n_rows, bad_rows=bad_rows, input_tokens=n_in, output_tokens_max=n_out,
+            cost_usd_input=total_in, cost_usd_max=total_max, seconds_estimate=seconds,
+            by_model=by_model, unknown_price_models=unknown, notes=notes, bound_by=bound_by,
+            rows_with_default_max_tokens=self.default_max)
+
+
 def estimate(
     rows: Iterable[RequestRow],
     ctx: RequestContext,
@@ -278,49 +437,8 @@ def estimate(
     rows × latency / concurrency (Little's law). ``batch``: priced at the Batch API rate
     (:func:`batcher.pricing.batch_price`; the time is then the provider's, within 24 h).
     """
-    accs: dict[str | None, _Acc] = {}
-    prices: dict[str | None, Price | None] = {}
-    over: dict[str | None, tuple[int, str, int]] = {}  # model: (rows over, first where, window)
-    default_max = 0
-    # A row with no params or body of its own asks for what the job does: its output bound,
-    # whether that is the assumed default, and its model's window are worked out once.
-    plain: dict[tuple[str | None, str | None], tuple[int, bool, int | None]] = {}
-
-    def add(chunk: list[RequestRow], input_counts: list[int]) -> None:
-        nonlocal default_max
-        for row, n_in in zip(chunk, input_counts, strict=True):
-            model = row_model(row, ctx)
-            acc = accs.get(model)
-            if acc is None:
-                acc = accs[model] = _Acc()
-                price = price_for(model, price_input=price_input,
-                                  price_output=price_output, table=prices_table)
-                prices[model] = batch_price(price) if batch else price
-            known = None
-            if not row.params and row.body is None:
-                known = plain.get((row.model, row.url))
-            if known is None:
-                n_out = request_max_output_tokens(row, ctx, endpoint)
-                known = (n_out, n_out == DEFAULT_MAX_OUTPUT_TOKENS and not _has_limit(row, ctx),
-                         context_window(model))
-                if not row.params and row.body is None:
-                    plain[(row.model, row.url)] = known
-            n_out, assumed, window = known
-            if window is not None and n_in > window:
-                n, where, _ = over.get(model, (0, f"{row.source}:{row.line}", window))
-                over[model] = (n + 1, where, window)
-            if assumed:
-                default_max += 1
-            acc.rows += 1
-            acc.input_tokens += n_in
-            acc.output_max += n_out
-            price = prices[model]
-            if price is not None and price.tiers:
-                # Long-context rates depend on each request's prompt; flat rates are priced
-                # once from the totals below.
-                acc.cost_input += input_cost_usd(price, n_in) or 0.0
-                acc.cost_max += max_cost_usd(price, n_in, n_out) or 0.0
-
+    tally = _Tally(ctx, endpoint, price_input=price_input, price_output=price_output,
+                   prices_table=prices_table, batch=batch)
     # Two cores: the tokenizer (Rust, which releases the GIL) counts one chunk on a worker
     # thread while this thread reads and parses the next; at most two chunks are held.
     iterator = iter(rows)
@@ -329,50 +447,75 @@ def estimate(
         while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
             future = pool.submit(batch_input_tokens, chunk, ctx, endpoint)
             if pending is not None:
-                add(pending[0], pending[1].result())
+                tally.add_rows(pending[0], pending[1].result())
             pending = (chunk, future)
         if pending is not None:
-            add(pending[0], pending[1].result())
+            tally.add_rows(pending[0], pending[1].result())
+    return tally.report(rpm=rpm, tpm=tpm, concurrency=concurrency, latency_s=latency_s,
+                        bad_rows=bad_rows)
 
-    by_model: list[ModelEstimate] = []
-    unknown: list[str] = []
-    for model, acc in sorted(accs.items(), key=lambda kv: (-kv[1].rows, kv[0] or "")):
-        price = prices[model]
-        cost_in: float | None = None
-        cost_max: float | None = None
-        if price is not None:
-            if price.tiers:
-                cost_in, cost_max = acc.cost_input, acc.cost_max
-            else:
-                cost_in = acc.input_tokens * price.input_per_m / 1_000_000
-                cost_max = cost_in + acc.output_max * price.output_per_m / 1_000_000
-        else:
-            unknown.append(model or NO_MODEL)
-        by_model.append(ModelEstimate(
-            model=model, rows=acc.rows, input_tokens=acc.input_tokens,
-            output_tokens_max=acc.output_max, cost_usd_input=cost_in, cost_usd_max=cost_max,
-            price=price, tokenizer=tokenizer_name(model)))
 
-    n_rows = sum(m.rows for m in by_model)
-    n_in = sum(m.input_tokens for m in by_model)
-    n_out = sum(m.output_tokens_max for m in by_model)
-    total_in = None if unknown else math.fsum(m.cost_usd_input or 0.0 for m in by_model)
-    total_max = None if unknown else math.fsum(m.cost_usd_max or 0.0 for m in by_model)
-    seconds, bound_by = _seconds(n_rows, n_in + n_out, rpm=rpm, tpm=tpm,
-                                 concurrency=concurrency, latency_s=latency_s)
-    notes = _notes(by_model, unknown, default_max, endpoint, rpm=rpm, tpm=tpm,
-                   concurrency=concurrency, latency_s=latency_s)
-    if batch:
-        notes.insert(0, "batch mode: priced at the Batch API rate (50% of live); the time is "
-                        "the provider's, up to 24 h per batch, not the time estimated here")
-    notes[:0] = [f"{n:,} row(s) exceed {model}'s context window of {window:,} tokens "
-                 f"(first at {where}): the server will most likely refuse or cut them"
-                 for model, (n, where, window) in over.items()]
-    return EstimateReport(
-        rows=n_rows, bad_rows=bad_rows, input_tokens=n_in, output_tokens_max=n_out,
-        cost_usd_input=total_in, cost_usd_max=total_max, seconds_estimate=seconds,
-        by_model=by_model, unknown_price_models=unknown, notes=notes, bound_by=bound_by,
-        rows_with_default_max_tokens=default_max)
+def estimate_jsonl(
+    path: Path,
+    options: ReaderOptions,
+    ctx: RequestContext,
+    endpoint: str,
+    *,
+    rpm: float | None,
+    tpm: float | None,
+    concurrency: int,
+    latency_s: float = DEFAULT_LATENCY_S,
+    price_input: float | None = None,
+    price_output: float | None = None,
+    prices_table: Mapping[str, Mapping[str, float]] | None = None,
+    batch: bool = False,
+    problems_kept: int = 0,
+) -> tuple[EstimateReport, list[InputProblem]]:
+    """:func:`estimate` of a JSONL input's rows as :func:`batcher.io.readers.iter_batches`
+    reads them (bad rows and duplicates skipped and counted in ``bad_rows``), in one pass
+    that builds no request for rows that are only a prompt (:mod:`batcher.io.scan`): the
+    same report, faster. Also returns the first ``problems_kept`` bad rows, in input order.
+
+    The input's ids are gathered during that pass and checked at its end; if some are
+    duplicates, the pass is made again knowing them (the totals must not count them).
+    Raises what :func:`~batcher.io.readers.iter_batches` raises.
+    """
+    counter = prompt_counter(ctx, endpoint)
+
+    def count(chunk: ScanChunk) -> tuple[list[int], list[int]]:
+        prompts = counter(chunk.prompts) if counter is not None and chunk.prompts else []
+        return prompts, batch_input_tokens(chunk.rows, ctx, endpoint)
+
+    def tally_of(scan: JsonlScan) -> tuple[_Tally, RowPlan | None]:
+        tally = _Tally(ctx, endpoint, price_input=price_input, price_output=price_output,
+                       prices_table=prices_table, batch=batch)
+        # As in estimate(): one chunk is counted on a worker thread (the tokenizer releases
+        # the GIL and uses every core) while this thread parses the next.
+        pending: list[tuple[ScanChunk, Future[tuple[list[int], list[int]]]]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher-tokens") as pool:
+            if counter is not None:
+                pool.submit(counter, [])  # loads the vocabulary (GIL released) meanwhile
+
+            def consume(chunk: ScanChunk) -> None:
+                pending.append((chunk, pool.submit(count, chunk)))
+                if len(pending) > 1:
+                    done, future = pending.pop(0)
+                    tally.add_chunk(done, *future.result())
+
+            plan = scan.run(consume)
+            for done, future in pending:
+                tally.add_chunk(done, *future.result())
+        return tally, plan
+
+    scan = JsonlScan(path, options, prompts=counter is not None, problems_kept=problems_kept)
+    tally, plan = tally_of(scan)
+    if plan is not None and plan.duplicates:
+        scan = JsonlScan(path, options, prompts=counter is not None, plan=plan,
+                         problems_kept=problems_kept)
+        tally, _ = tally_of(scan)
+    report = tally.report(rpm=rpm, tpm=tpm, concurrency=concurrency, latency_s=latency_s,
+                          bad_rows=scan.bad)
+    return report, scan.problems
 
 
 def _has_limit(row: RequestRow, ctx: RequestContext) -> bool:

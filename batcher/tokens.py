@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Final, cast
 
@@ -310,6 +310,44 @@ def batch_input_tokens(rows: Sequence[RequestRow], ctx: RequestContext,
                             strict=True):
             out[i] = total
     return out
+
+
+_PROBE: Final = "\x00batcher-prompt\x00"
+
+
+def prompt_counter(ctx: RequestContext,
+                   endpoint: str) -> Callable[[Sequence[str]], list[int]] | None:
+    """A counter for rows that are nothing but a prompt (no model, params or body of their
+    own): ``counter(prompts)`` equals :func:`batch_input_tokens` of such rows, in order, but
+    builds no row and counts what every such request shares (the system prompt, roles, chat
+    overhead, schemas) once. None when the prompt does not enter the request as one text
+    of its own (then count rows with :func:`batch_input_tokens`)."""
+    probe = RequestRow(id="", shape="prompt", source="", line=0, prompt=_PROBE)
+    pieces = _row_pieces(probe, ctx, endpoint)
+    if len(pieces.unique) != 1:
+        return None
+    text = pieces.unique[0]
+    if text.count(_PROBE) != 1 or not text.endswith(_PROBE):
+        return None
+    prefix = text[:-len(_PROBE)]  # completions send "{system}\n\n{prompt}" as one text
+    encoding = encoding_for(row_model(probe, ctx))
+    enc = encoding or "o200k_base"
+    shared_base: list[int] = []  # counted at the first call: loading the vocabulary takes
+    # most of a second, which a caller may rather spend on a worker thread
+
+    def count(prompts: Sequence[str]) -> list[int]:
+        if not shared_base:
+            _raw_counts([""], enc)  # loads the vocabulary, if nothing shared did
+            shared_base.append(pieces.fixed + sum(_count_cached(text, enc)
+                                                  for text in pieces.shared))
+        base = shared_base[0]
+        texts = [prefix + p for p in prompts] if prefix else prompts
+        counts = _raw_counts(texts, enc)
+        if encoding is None:
+            return [_scale(base + n, None) for n in counts]
+        return [base + n for n in counts] if base else counts
+
+    return count
 
 
 def request_input_tokens(row: RequestRow, ctx: RequestContext, endpoint: str) -> int:

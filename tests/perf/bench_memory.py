@@ -7,6 +7,10 @@
     python tests/perf/bench_memory.py estimate [ROWS ...]  # default 100000 1000000 10000000
     python tests/perf/bench_memory.py resume [ROWS]      # default 10000000, all but 1,000 done
     python tests/perf/bench_memory.py dryrun [ROWS]      # wall time, ~800-character prompts
+                                                         # (default 1000000; target < 10 s)
+
+BENCH_DATA=FOLDER keeps the generated inputs there between runs; BENCH_BASE=CHECKOUT (dryrun)
+runs that checkout's code too, alternating with this one.
 
 Inputs are generated in a temporary folder (JSONL, ~70 bytes a row). `run` goes against the
 simulator answering at once (its own process, pinned to CPU 1; the client on CPU 0). A full
@@ -18,6 +22,7 @@ fingerprint the runner computes for the command, and times the first request.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,8 +61,10 @@ CPU_SECONDS: list[float] = []
 vary less than wall time."""
 
 
-def measured(args: list[str], cpu: int | None = 0) -> tuple[float, float, int, str]:
-    """Run ``batcher ARGS``; (wall s, peak RSS MB, exit code, stderr tail)."""
+def measured(args: list[str], cpu: int | None = 0,
+             code: Path | None = None) -> tuple[float, float, int, str]:
+    """Run ``batcher ARGS`` (``code``: from that checkout instead of this one); (wall s,
+    peak RSS MB, exit code, stderr tail)."""
     import resource
 
     cmd = [sys.executable, "-c", WRAP, *args]
@@ -65,7 +72,8 @@ def measured(args: list[str], cpu: int | None = 0) -> tuple[float, float, int, s
         cmd = pinned(cpu, cmd)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=code)  # `python -c` imports batcher from its working folder
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -164,12 +172,14 @@ def make_long_input(folder: Path, rows: int) -> Path:
     """Rows of ~800-character prompts (varied words, so the tokenizer's cache does not help)."""
     import random
 
+    path = folder / f"long-{rows}.jsonl"
+    if path.exists():
+        return path
     text = ("the quick brown fox jumps over lazy dog classify this review as positive or "
             "negative sentiment product arrived late but works great customer support was "
             "helpful néanmoins 价格 合理 shipping box damaged refund quality")
     words = text.split()
     rng = random.Random(1)
-    path = folder / f"long-{rows}.jsonl"
     with path.open("wb") as f:
         for start in range(0, rows, 10_000):
             lines = []
@@ -181,25 +191,41 @@ def make_long_input(folder: Path, rows: int) -> Path:
 
 
 def bench_dryrun(tmp: Path, rows: int, target_s: float = 10.0, runs: int = 3) -> None:
+    """``batcher estimate`` of ``rows`` ~800-character prompts, ``runs`` times; with
+    ``BENCH_BASE=CHECKOUT`` in the environment, that checkout's code is run too, alternating
+    with this one (a before/after pair measured in the same minutes)."""
     src = make_long_input(tmp, rows)
-    walls = []
+    base = os.environ.get("BENCH_BASE")
+    codes: list[tuple[str, Path | None]] = [("this", None)]
+    if base:
+        codes.append(("base", Path(base)))
+    walls: dict[str, list[float]] = {name: [] for name, _ in codes}
+    cpus: dict[str, list[float]] = {name: [] for name, _ in codes}
     for _ in range(runs):
-        wall, rss, code, tail = measured(["estimate", str(src), "--model", "gpt-4o-mini",
-                                          "--json"], cpu=None)
-        if code != 0:
-            raise SystemExit(f"estimate: exit {code}\n{tail}")
-        walls.append(wall)
-        print(f"dryrun: {rows:,} rows of ~800 characters: {wall:,.1f} s wall "
-              f"({CPU_SECONDS[-1]:,.1f} s CPU), peak RSS {rss:,.0f} MB", flush=True)
-    print(f"dryrun: best {min(walls):,.1f} s (range {min(walls):,.1f}-{max(walls):,.1f} s) "
-          f"< {target_s:g} s: {verdict(min(walls) < target_s)}")
+        for name, code in codes:
+            load = os.getloadavg()[0]
+            wall, rss, rc, tail = measured(["estimate", str(src), "--model", "gpt-4o-mini",
+                                            "--json"], cpu=None, code=code)
+            if rc != 0:
+                raise SystemExit(f"estimate ({name}): exit {rc}\n{tail}")
+            walls[name].append(wall)
+            cpus[name].append(CPU_SECONDS[-1])
+            print(f"dryrun ({name}): {rows:,} rows of ~800 characters: {wall:,.1f} s wall, "
+                  f"{CPU_SECONDS[-1]:,.1f} s CPU (user+sys), peak RSS {rss:,.0f} MB, "
+                  f"load {load:.1f} before", flush=True)
+    for name, _ in codes:
+        w, c = walls[name], cpus[name]
+        print(f"dryrun ({name}): best {min(w):,.1f} s wall (range {min(w):,.1f}-{max(w):,.1f} s),"
+              f" CPU {min(c):,.1f}-{max(c):,.1f} s; < {target_s:g} s: "
+              f"{verdict(min(w) < target_s)}")
 
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     sizes = [int(a) for a in sys.argv[2:]]
+    keep = os.environ.get("BENCH_DATA")  # a folder that keeps the generated inputs
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
+        tmp = Path(keep) if keep else Path(d)
         if which in ("estimate", "all"):
             bench_estimate(tmp, sizes or [100_000, 1_000_000, 10_000_000])
         if which in ("resume", "all"):
