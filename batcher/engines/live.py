@@ -9,6 +9,7 @@ feedback, the server-down watch). Everything else is the job's (see :mod:`batche
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from batcher.config import RunConfig
 from batcher.engine import Job, prepared_to_send
@@ -18,6 +19,13 @@ from batcher.pool import Transport
 from batcher.results import Failed, Sent
 from batcher.sender import Sender
 from batcher.types import RequestRow
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between collections of the young generation while the engine runs (Python's
+default is 700). Each request leaves a few dozen short-lived objects that reference counting
+frees; with the default, the cyclic collector ran every few requests and walked every
+request still in flight: 5-10% of the client's CPU against a fast server. Cyclic garbage
+(exceptions and their tracebacks) now waits a little longer, a few MB at most."""
 
 
 class LiveEngine:
@@ -35,6 +43,14 @@ class LiveEngine:
                             and config.cache is None else 1)
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None:
+        young, *older = gc.get_threshold()
+        gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
+        try:
+            await self._run(rows, job)
+        finally:
+            gc.set_threshold(young, *older)
+
+    async def _run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None:
         config = self.config
         async with Transport(concurrency=config.concurrency, timeout=config.timeout) as transport:
             self._sender = Sender(
