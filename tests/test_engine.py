@@ -181,16 +181,16 @@ def test_the_live_engine_collects_young_garbage_less_often_while_it_runs(
     import gc
 
     from batcher.engines import live
-    from batcher.pool import Transport
+    from batcher.http1 import PlainTransport
 
     seen: list[int] = []
-    real_send = Transport.send
+    real_send = PlainTransport.send
 
-    async def send(self: Transport, request: object) -> object:
+    async def send(self: PlainTransport, request: object) -> object:
         seen.append(gc.get_threshold()[0])
         return await real_send(self, request)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Transport, "send", send)
+    monkeypatch.setattr(PlainTransport, "send", send)
     before = gc.get_threshold()
     src = write_jsonl(tmp_path / "in.jsonl", prompts(5))
     result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url",
