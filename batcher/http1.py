@@ -17,7 +17,8 @@ What it speaks, all that an OpenAI-style API needs over plain HTTP:
   after ``Connection: close``, an HTTP/1.0 answer without keep-alive, or anything odd.
 
 Anything else goes to aiohttp (:class:`batcher.pool.Transport`, made on first need): ``https://``
-URLs, and a request answered with a redirect (aiohttp follows it). Errors are aiohttp's:
+URLs, URLs with credentials or a path that needs quoting, and a request answered with a
+redirect (aiohttp follows it). Errors are aiohttp's:
 :class:`~batcher.errors.TransportError` for a refused, reset or timed-out exchange and for an
 answer that is not HTTP, :class:`~batcher.errors.StreamCut` for a stream cut mid-way.
 """
@@ -75,8 +76,10 @@ class _Target:
                                                   for name, value in fields.values())]
         self.headers = headers
         self.head = ("\r\n".join(lines) + "\r\n").encode()   # as aiohttp does
-        # A path that would need quoting goes to aiohttp, which quotes it as it always did.
-        self.plain = path.isascii() and not any(c in path for c in " \t\r\n")
+        # A path that would need quoting, or credentials in the URL, go to aiohttp, which
+        # quotes the one and sends the other as Basic auth, as it always did.
+        self.plain = (path.isascii() and not any(c in path for c in " \t\r\n")
+                      and parts.username is None and parts.password is None)
 
 
 class _Connection(asyncio.Protocol):

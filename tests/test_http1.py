@@ -275,8 +275,11 @@ async def test_redirects_and_other_schemes_go_to_aiohttp(
         return HttpResponse(200, {}, b"via aiohttp")
 
     monkeypatch.setattr(Transport, "send", fake_send)
-    response = await send(PlainTransport, request("https://api.example.com/v1/chat/completions"))
-    assert response.body == b"via aiohttp" and sent == ["https://api.example.com/v1/chat/completions"]
+    for url in ("https://api.example.com/v1/chat/completions",
+                "http://user:secret@127.0.0.1:9/v1/chat/completions",
+                "http://127.0.0.1:9/v1/a path"):
+        response = await send(PlainTransport, request(url))
+        assert response.body == b"via aiohttp" and sent[-1] == url
 
 
 async def test_a_header_with_a_line_break_is_refused_not_sent() -> None:
