@@ -17,7 +17,8 @@ from batcher.http1 import PlainTransport
 from batcher.pool import Transport
 from batcher.types import HttpRequest, HttpResponse
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Reader, Writer = asyncio.StreamReader, asyncio.StreamWriter
+Handler = Callable[["Server", Reader, Writer], Awaitable[None]]
 TRANSPORTS = [PlainTransport, Transport]
 
 
@@ -48,7 +49,7 @@ class Server:
         self.connections += 1
         self.open_now += 1
         try:
-            await self.handler(reader, writer)
+            await self.handler(self, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -80,22 +81,13 @@ def answer(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
 
 def keep_answering(*answers: bytes) -> Handler:
     """Answers the requests of a connection in turn with ``answers`` (the last repeats)."""
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(server: Server, reader: Reader, writer: Writer) -> None:
         n = 0
-        while await server_of[handler].read_request(reader) is not None:
+        while await server.read_request(reader) is not None:
             writer.write(answers[min(n, len(answers) - 1)])
             await writer.drain()
             n += 1
     return handler
-
-
-server_of: dict[Handler, Server] = {}
-
-
-def make_server(handler: Handler) -> Server:
-    server = Server(handler)
-    server_of[handler] = server
-    return server
 
 
 async def send(kind: type[PlainTransport] | type[Transport], req: HttpRequest,
@@ -107,7 +99,7 @@ async def send(kind: type[PlainTransport] | type[Transport], req: HttpRequest,
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_an_answer_by_content_length_and_the_request_sent(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    server = make_server(keep_answering(answer(b'{"ok": true}', "X-Ratelimit-Remaining-Requests: 7",
+    server = Server(keep_answering(answer(b'{"ok": true}', "X-Ratelimit-Remaining-Requests: 7",
                                                "Content-Type: application/json")))
     async with server.running():
         response = await send(kind, request(server.url(), body=b'{"model": "m"}'))
@@ -130,7 +122,7 @@ async def test_chunked_answers_after_an_interim_100_with_trailers(
     chunked = (b"HTTP/1.1 100 Continue\r\n\r\n"
                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
-    server = make_server(keep_answering(chunked))
+    server = Server(keep_answering(chunked))
     async with server.running(), kind(concurrency=2, timeout=5) as transport:
         first = await transport.send(request(server.url()))
         second = await transport.send(request(server.url(), stream=True))
@@ -142,13 +134,13 @@ async def test_chunked_answers_after_an_interim_100_with_trailers(
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_an_answer_ended_by_the_connection_and_gzip_and_deflate_bodies(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def until_close(server: Server, reader: Reader, writer: Writer) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nthe whole body")
         await writer.drain()
 
-    server = make_server(until_close)
-    zipped = make_server(keep_answering(
+    server = Server(until_close)
+    zipped = Server(keep_answering(
         answer(gzip.compress(b'{"z": 1}'), "Content-Encoding: gzip"),
         answer(zlib.compress(b'{"z": 2}'), "Content-Encoding: deflate")))
     async with server.running(), zipped.running():
@@ -161,12 +153,12 @@ async def test_an_answer_ended_by_the_connection_and_gzip_and_deflate_bodies(
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_connection_close_is_honoured_and_a_stale_connection_is_not_an_error(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def once(server: Server, reader: Reader, writer: Writer) -> None:
         await server.read_request(reader)
         writer.write(answer(b"{}", "Connection: close"))
         await writer.drain()
 
-    server = make_server(once)
+    server = Server(once)
     async with server.running(), kind(concurrency=2, timeout=5) as transport:
         for _ in range(3):
             assert (await transport.send(request(server.url()))).status == 200
@@ -177,10 +169,10 @@ async def test_connection_close_is_honoured_and_a_stale_connection_is_not_an_err
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_a_server_that_closes_without_answering(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def hang_up(server: Server, reader: Reader, writer: Writer) -> None:
         await server.read_request(reader)
 
-    server = make_server(hang_up)
+    server = Server(hang_up)
     async with server.running():
         with pytest.raises(TransportError, match="closed the connection without answering"):
             await send(kind, request(server.url()))
@@ -189,18 +181,18 @@ async def test_a_server_that_closes_without_answering(
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_an_answer_cut_mid_way_and_a_stream_cut_mid_way(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def cut(server: Server, reader: Reader, writer: Writer) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
         await writer.drain()
 
-    async def cut_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await streams.read_request(reader)
+    async def cut_stream(server: Server, reader: Reader, writer: Writer) -> None:
+        await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"6\r\ndata: \r\n")
         await writer.drain()
 
-    server, streams = make_server(cut), make_server(cut_stream)
+    server, streams = Server(cut), Server(cut_stream)
     async with server.running(), streams.running():
         with pytest.raises(TransportError, match="cut mid-way"):
             await send(kind, request(server.url()))
@@ -210,7 +202,7 @@ async def test_an_answer_cut_mid_way_and_a_stream_cut_mid_way(
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_garbage_is_not_an_answer(kind: type[PlainTransport] | type[Transport]) -> None:
-    server = make_server(keep_answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+    server = Server(keep_answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
     async with server.running():
         with pytest.raises(TransportError):
             await send(kind, request(server.url()))
@@ -219,11 +211,11 @@ async def test_garbage_is_not_an_answer(kind: type[PlainTransport] | type[Transp
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_a_server_that_never_answers_times_out_and_a_closed_port_is_refused(
         kind: type[PlainTransport] | type[Transport]) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def silent(server: Server, reader: Reader, writer: Writer) -> None:
         await server.read_request(reader)
         await asyncio.sleep(5)
 
-    server = make_server(silent)
+    server = Server(silent)
     async with server.running():
         with pytest.raises(TransportError, match=r"no complete answer within 0\.3 s"):
             await send(kind, request(server.url()), timeout=0.3)
@@ -235,7 +227,7 @@ async def test_a_server_that_never_answers_times_out_and_a_closed_port_is_refuse
 async def test_a_cancelled_exchange_drops_its_connection_and_the_next_one_is_clean() -> None:
     """A request abandoned on the wire (a stop) must not leave its late answer to be read
     as the next request's."""
-    async def slow_then_fast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def slow_then_fast(server: Server, reader: Reader, writer: Writer) -> None:
         while (sent := await server.read_request(reader)) is not None:
             if b"slow" in sent:
                 await asyncio.sleep(0.3)
@@ -244,7 +236,7 @@ async def test_a_cancelled_exchange_drops_its_connection_and_the_next_one_is_cle
                 writer.write(answer(b"fresh"))
             await writer.drain()
 
-    server = make_server(slow_then_fast)
+    server = Server(slow_then_fast)
     async with server.running(), PlainTransport(concurrency=1, timeout=5) as transport:
         task = asyncio.create_task(transport.send(request(server.url(), body=b"slow")))
         await asyncio.sleep(0.1)
@@ -259,9 +251,9 @@ async def test_a_cancelled_exchange_drops_its_connection_and_the_next_one_is_cle
 
 async def test_redirects_and_other_schemes_go_to_aiohttp(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    target = make_server(keep_answering(answer(b"moved here")))
+    target = Server(keep_answering(answer(b"moved here")))
     async with target.running():
-        moved = make_server(keep_answering(answer(
+        moved = Server(keep_answering(answer(
             b"", f"Location: {target.url('/v1/new')}", status="307 Temporary Redirect")))
         async with moved.running():
             response = await send(PlainTransport, request(moved.url()))
@@ -283,7 +275,7 @@ async def test_redirects_and_other_schemes_go_to_aiohttp(
 
 
 async def test_a_header_with_a_line_break_is_refused_not_sent() -> None:
-    server = make_server(keep_answering(answer(b"{}")))
+    server = Server(keep_answering(answer(b"{}")))
     async with server.running():
         with pytest.raises(TransportError, match="line break"):
             await send(PlainTransport, request(server.url(), headers={"X-A": "1\r\nX-B: 2"}))
@@ -291,13 +283,13 @@ async def test_a_header_with_a_line_break_is_refused_not_sent() -> None:
 
 
 async def test_connections_are_reused_up_to_the_concurrency() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def slow(server: Server, reader: Reader, writer: Writer) -> None:
         while await server.read_request(reader) is not None:
             await asyncio.sleep(0.02)
             writer.write(answer(b"{}"))
             await writer.drain()
 
-    server = make_server(slow)
+    server = Server(slow)
     async with server.running(), PlainTransport(concurrency=3, timeout=5) as transport:
         for _ in range(3):
             await asyncio.gather(*(transport.send(request(server.url())) for _ in range(10)))
