@@ -359,9 +359,10 @@ class Runner:
         model = request.model
         if model is None or model in self._context_warned:
             return
-        if not table_loaded():
+        if not table_loaded() and (self._table is None or not self._table.done()):
             # The first requests need not wait for the table (~0.3 s): it loads in a thread,
-            # and the requests sent meanwhile are checked once it is there.
+            # and the requests sent meanwhile are checked once it is there. (Should loading
+            # fail, the next check loads it here and fails as it always did.)
             self._unchecked.append((rows, request))
             if self._table is None:
                 self._table = asyncio.get_running_loop().run_in_executor(None, load_table)
@@ -382,9 +383,10 @@ class Runner:
                 return
 
     def _check_unchecked(self, loaded: asyncio.Future[None]) -> None:
-        if loaded.cancelled() or loaded.exception() is not None:
-            return   # no table: no window to warn about
+        """The context checks held while the price table loaded (dropped if it failed)."""
         held, self._unchecked = self._unchecked, []
+        if loaded.cancelled() or loaded.exception() is not None:
+            return
         for rows, request in held:
             self._warn_if_over_context(rows, request)
 
