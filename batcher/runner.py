@@ -67,8 +67,10 @@ from batcher.pricing import (
     batch_price,
     context_window,
     genai_price,
+    load_table,
     max_cost_usd,
     price_for,
+    table_loaded,
 )
 from batcher.providers import Provider, get_provider, provider_for_row
 from batcher.providers.base import MultiInputProvider
@@ -146,6 +148,9 @@ class Runner:
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
         self._context_warned: set[str] = set()
+        self._unchecked: list[tuple[list[RequestRow], HttpRequest]] = []
+        """Requests sent before the price table (and so the context windows) was loaded."""
+        self._table: asyncio.Future[None] | None = None
         self._ctx = config.request_context()
         self._redact = redactor(self._ctx.api_key, self._ctx.headers)
         """The text with the API key and secret header values masked."""
@@ -354,6 +359,15 @@ class Runner:
         model = request.model
         if model is None or model in self._context_warned:
             return
+        if not table_loaded() and (self._table is None or not self._table.done()):
+            # The first requests need not wait for the table (~0.3 s): it loads in a thread,
+            # and the requests sent meanwhile are checked once it is there. (Should loading
+            # fail, the next check loads it here and fails as it always did.)
+            self._unchecked.append((rows, request))
+            if self._table is None:
+                self._table = asyncio.get_running_loop().run_in_executor(None, load_table)
+                self._table.add_done_callback(self._check_unchecked)
+            return
         window = context_window(model)
         if window is None or len(request.body) * APPROX_FACTOR <= window:
             return
@@ -367,6 +381,14 @@ class Runner:
                     note="the server will most likely refuse or cut this request; "
                          "later rows over the window are not named")
                 return
+
+    def _check_unchecked(self, loaded: asyncio.Future[None]) -> None:
+        """The context checks held while the price table loaded (dropped if it failed)."""
+        held, self._unchecked = self._unchecked, []
+        if loaded.cancelled() or loaded.exception() is not None:
+            return
+        for rows, request in held:
+            self._warn_if_over_context(rows, request)
 
     def _validate_strict(self, options: ReaderOptions) -> None:
         """--strict: one full pass before anything is sent; any bad row is fatal."""
@@ -393,6 +415,8 @@ class Runner:
                 writer = group.create_task(self._write(store))
                 self._reader = group.create_task(self._read(rows, options, plan))
                 await engine.run(rows, self)
+                if self._table is not None:
+                    await asyncio.wait([self._table])   # the held context checks are done
                 if self.stop_reason is None:
                     self._release_held()
                 self._workers_done = True

@@ -13,7 +13,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger as Logger
 
@@ -29,11 +29,14 @@ from batcher.errors import (
     StreamCut,
 )
 from batcher.limits import Throttle
-from batcher.pool import Transport
 from batcher.providers import Provider
 from batcher.results import Failed, Sent
 from batcher.retry import retrying
 from batcher.types import Answer, HttpRequest, HttpResponse, RequestRow
+
+if TYPE_CHECKING:
+    from batcher.http1 import PlainTransport
+    from batcher.pool import Transport
 
 
 class Counters(Protocol):
@@ -63,7 +66,8 @@ class Sender:
     their send until their answer is handed back: what a stop grants its grace to.
     """
 
-    def __init__(self, *, throttle: Throttle, transport: Transport, max_attempts: int,
+    def __init__(self, *, throttle: Throttle, transport: Transport | PlainTransport,
+                 max_attempts: int,
                  max_rate_limit_wait: float = math.inf, server_down_after: float = math.inf,
                  base_url: str = "", log: Logger, abort: Callable[[Aborted | JobFatal], None],
                  stop: asyncio.Event, counters: Counters | None = None,

@@ -15,6 +15,7 @@ from batcher.config import RunConfig
 from batcher.engine import Job
 from batcher.errors import BadRequest
 from batcher.results import Failed, Sent
+from batcher.simulate import SimulatorThread
 from batcher.types import Answer, HttpResponse, RequestRow, Usage
 from tests.conftest import prompts, run_cli, write_jsonl
 
@@ -171,3 +172,29 @@ def test_engine_local_is_the_live_engine(tmp_path: Path) -> None:
                           "engine": "local"})
     assert config.engine == "live"
     assert isinstance(get_engine(config), LiveEngine)
+
+
+def test_the_live_engine_collects_young_garbage_less_often_while_it_runs(
+        tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's default (700 allocations) ran the cyclic collector every few requests; the
+    engine raises it for its run and puts the caller's setting back afterwards."""
+    import gc
+
+    from batcher.engines import live
+    from batcher.http1 import PlainTransport
+
+    seen: list[int] = []
+    real_send = PlainTransport.send
+
+    async def send(self: PlainTransport, request: object) -> object:
+        seen.append(gc.get_threshold()[0])
+        return await real_send(self, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PlainTransport, "send", send)
+    before = gc.get_threshold()
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url",
+                     sim.base_url, "--model", "gpt-4o-mini", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert seen and all(young >= live.GC_YOUNG_THRESHOLD for young in seen), seen
+    assert gc.get_threshold() == before

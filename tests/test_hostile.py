@@ -196,6 +196,58 @@ def test_an_internal_error_is_a_message_with_exit_3_and_the_answers_are_kept(
     assert pq.read_table(out).num_rows == 30
 
 
+def test_the_first_requests_leave_while_the_price_table_loads_and_are_still_checked(
+        tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The context-window check needs genai-prices' table (~0.3 s to load): the first
+    request does not wait for it, and the rows sent meanwhile are checked once it is in."""
+    import time
+
+    from batcher import pricing, runner
+
+    monkeypatch.setattr(pricing, "_table_loaded", False)
+    sent_while_loading: list[int] = []
+
+    def slow_load() -> None:
+        deadline = time.monotonic() + 10
+        while sim.stats.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sent_while_loading.append(sim.stats.requests)
+        pricing.load_table()
+
+    monkeypatch.setattr(runner, "load_table", slow_load)
+    long = " hi" * 140_000
+    rows = [{"id": "a", "prompt": long}, {"id": "b", "prompt": "short"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url", sim.base_url,
+                     "--model", "gpt-4o-mini", "--no-progress", "--concurrency", "2")
+    assert result.exit_code == 0, result.stderr
+    assert sent_while_loading == [2]
+    warnings = [line for line in result.stderr.splitlines() if "over_context_window" in line]
+    assert len(warnings) == 1 and f"{src}:1" in warnings[0], result.stderr
+
+
+def test_when_the_price_table_fails_to_load_aside_later_rows_are_checked_as_before(
+        tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batcher import pricing, runner
+
+    monkeypatch.setattr(pricing, "_table_loaded", False)
+
+    def broken_load() -> None:
+        raise RuntimeError("no table")
+
+    monkeypatch.setattr(runner, "load_table", broken_load)
+    # Nothing else loads the table on the side: no price look-ups.
+    monkeypatch.setattr(runner, "genai_price", lambda model: None)
+    monkeypatch.setattr(runner, "price_for", lambda model, **_: None)
+    rows = [*prompts(5), {"id": "long", "prompt": " hi" * 140_000}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = run_cli("run", src, "-o", tmp_path / "out.parquet", "--base-url", sim.base_url,
+                     "--model", "gpt-4o-mini", "--no-progress", "--concurrency", "1")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "over_context_window" in line]
+    assert len(warnings) == 1 and f"{src}:6" in warnings[0], result.stderr
+
+
 def test_a_prompt_longer_than_the_context_window_is_warned_about_once(
         tmp_path: Path, sim: SimulatorThread) -> None:
     long = " hi" * 140_000                      # ~140k tokens; gpt-4o-mini holds 128k

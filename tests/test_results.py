@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from batcher.pricing import Price
 from batcher.results import RowBuilder, Sent, split
 from batcher.secrets import redactor
@@ -79,3 +81,21 @@ def test_error_rows_and_raw_bodies_are_masked() -> None:
     answer = Answer(f"echo {KEY}", "stop", "stop", "gpt-4o-mini", Usage())
     [ok] = _builder(keep_raw=True).ok_rows([_row()], _request(), _sent(answer, body))
     assert KEY not in (ok.raw or "")
+
+
+@pytest.mark.parametrize("clock", [1_780_000_000.0, 1_780_000_000.9994996, 1_780_000_000.9995,
+                                   1_780_000_001.000001, 1_780_000_059.123456])
+def test_now_iso_writes_what_datetime_writes(clock: float,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The date and time are formatted once a second; the text is datetime's all the same,
+    rounding at the millisecond and the turn of the second included."""
+    import time
+    from datetime import UTC, datetime
+
+    from batcher import results
+
+    expected = datetime.fromtimestamp(clock, UTC).isoformat(timespec="milliseconds")
+    monkeypatch.setattr(time, "time", lambda: clock)
+    monkeypatch.setattr(results, "_second", (int(clock) - 1, "the second before"))
+    assert results.now_iso() == expected.replace("+00:00", "Z")
+    assert results.now_iso() == expected.replace("+00:00", "Z")   # from the cache

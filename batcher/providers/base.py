@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import orjson
@@ -95,6 +96,7 @@ def provider_names() -> list[str]:
 # --- helpers shared by providers --------------------------------------------------------
 
 
+@lru_cache(maxsize=64)
 def join_url(base_url: str, path: str) -> str:
     """Join a base URL that includes the version path with an endpoint path.
 

@@ -14,6 +14,7 @@ import base64
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import orjson
 
@@ -73,11 +74,22 @@ def openai_usage(usage: JSON) -> Usage:
 # --- request building --------------------------------------------------------------------
 
 
-def _headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if ctx.api_key:
-        headers["Authorization"] = f"Bearer {ctx.api_key}"
-    return merge_headers(headers, ctx.headers)
+_made_for: tuple[RequestContext | None, Mapping[str, str]] = (None, {})
+"""The last context :func:`_headers` was asked about and its headers: a job asks with one
+context for every row."""
+
+
+def _headers(ctx: RequestContext) -> Mapping[str, str]:
+    """The headers of every request of ``ctx`` (read-only: one mapping serves them all)."""
+    global _made_for
+    made_for, headers = _made_for
+    if made_for is not ctx:
+        fresh = {"Content-Type": "application/json"}
+        if ctx.api_key:
+            fresh["Authorization"] = f"Bearer {ctx.api_key}"
+        headers = MappingProxyType(merge_headers(fresh, ctx.headers))
+        _made_for = (ctx, headers)
+    return headers
 
 
 def refuse_schema(row: RequestRow, ctx: RequestContext, endpoint: str) -> None:
