@@ -52,6 +52,7 @@ from batcher.errors import (
     Retryable,
     ServerError,
 )
+from batcher.io.location import Scan
 from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.providers import BATCH_URLS, Provider, get_provider
@@ -114,6 +115,7 @@ class BatchEngine:
     """See the module docstring."""
 
     name = "batch"
+    scan: Scan | None = None
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
