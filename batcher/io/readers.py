@@ -39,7 +39,7 @@ from batcher.types import RequestRow, RowShape
 
 __all__ = [
     "OUTPUT_COLUMNS", "InputProblem", "ReaderOptions", "RowBatch", "count_rows",
-    "detect_shape", "iter_batches", "iter_row_ids", "read_blocks",
+    "detect_shape", "iter_batches", "iter_row_ids", "read_blocks", "record_batches",
 ]
 
 Source = Path | str | InputLocation
@@ -280,7 +280,7 @@ def _parquet_batches(location: InputLocation, file: InputFile, parquet_file: pq.
     ``parquet_file`` (the file, open)."""
     if location.scan is not None:
         return location.scan.parquet_batches(location, file, columns, batch_size)
-    return _record_batches(parquet_file, file.source, batch_size, columns=columns,
+    return record_batches(parquet_file, file.source, batch_size, columns=columns,
                            use_threads=use_threads)
 
 
@@ -432,7 +432,7 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
-def _record_batches(parquet_file: pq.ParquetFile, source: str, batch_size: int, *,
+def record_batches(parquet_file: pq.ParquetFile, source: str, batch_size: int, *,
                     columns: list[str] | None = None,
                     use_threads: bool = True) -> Iterator[pa.RecordBatch]:
     """Record batches of one file (of ``columns`` only, when given); decoding errors
