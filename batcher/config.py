@@ -207,9 +207,9 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     for key in ("input", "output"):
         if key not in given:
             raise ConfigError(f"missing {key!r}")
-    from batcher.io.location import as_input, is_url
+    from batcher.io.location import as_input, names_a_url
 
-    if is_url(given["output"]):
+    if names_a_url(given["output"]):
         raise ConfigError(f"output: {given['output']} is a URL; the output (and its state "
                           "folder) must be a local path, on shared storage for a cluster")
     given["input"] = as_input(given["input"])

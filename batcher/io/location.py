@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 
 from batcher.errors import InputError
 
-__all__ = ["ByteStream", "InputFile", "InputLocation", "Scan", "as_input", "is_url"]
+__all__ = ["ByteStream", "InputFile", "InputLocation", "Scan", "as_input", "is_url",
+           "names_a_url"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_FOLDED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _PARQUET_BUFFER_BYTES = 1 << 20
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _GZ_SUFFIXES = (".jsonl.gz", ".ndjson.gz")
@@ -37,6 +39,12 @@ _SUPPORTED = ".jsonl, .ndjson, .jsonl.gz, .ndjson.gz, .parquet or a directory of
 def is_url(value: str | Path) -> bool:
     """Whether ``value`` is a URL (``scheme://…``) rather than a local path."""
     return isinstance(value, str) and _URL.match(value) is not None
+
+
+def names_a_url(value: str | Path) -> bool:
+    """Whether ``value`` is a URL, also once a :class:`Path` folded its ``//`` (``s3:/b/k``;
+    a Windows drive letter is not a scheme)."""
+    return _FOLDED_URL.match(str(value)) is not None
 
 
 def as_input(value: str | Path) -> Path | str:

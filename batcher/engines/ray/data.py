@@ -38,6 +38,7 @@ from ray.exceptions import RayError
 from batcher.errors import InputError
 from batcher.io.location import InputFile, InputLocation
 from batcher.io.readers import read_blocks, record_batches
+from batcher.log import get_logger
 
 BLOCK_BYTES = 4 << 20
 """About how many bytes go in one Ray block (JSONL: whole lines; Parquet: whole record
@@ -56,6 +57,7 @@ class RayScan:
         self.address = address
         self._connected = False
         self._owned = False
+        self._announced = False
 
     def connect(self) -> None:
         """Join (or start) Ray once; the engine's actors use the same connection."""
@@ -92,6 +94,10 @@ class RayScan:
         """The tables ``read`` yields in a read task, in order; a read error (the table
         :func:`_failed` makes, or Ray's) becomes InputError naming the file."""
         self.connect()
+        if not self._announced:
+            self._announced = True
+            get_logger().info("ray_data_read", input=location.given, files=len(
+                location.resolve()[1]), note="the input is read by Ray Data read tasks")
         args: dict[str, Any] = {"num_cpus": 0}
         if not location.url:
             args["label_selector"] = {NODE_LABEL: ray.get_runtime_context().get_node_id()}
