@@ -100,3 +100,13 @@ def test_a_missing_s3_object_or_bucket_or_an_s3_output_exits_2_naming_the_url(
     assert result.exit_code == 2, result.stderr
     assert "must be a local path" in result.stderr and "Traceback" not in result.stderr
     assert sim.stats.requests == 0
+
+
+def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
+                                         s3: S3) -> None:  # noqa: F811
+    url = s3.put("in.jsonl", write_jsonl(tmp_path / "in.jsonl", prompts(3)))
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{url}"\noutput = "out/answers.parquet"\nmodel = "gpt-4o-mini"\n')
+    result = run_cli("run", job, "--base-url", sim.base_url, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert len(read_output(tmp_path / "out" / "answers.parquet")) == 3

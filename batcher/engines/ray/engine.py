@@ -3,7 +3,8 @@
 How the work is divided (and why):
 
 - **The driver keeps the job.** The process that runs ``batcher run`` keeps everything the
-  runner owns — reading, the state folder, the writer, the budget gate, the cache, result
+  runner owns — building rows from the input (whose content Ray Data read tasks stream to
+  it: :mod:`.data`), the state folder, the writer, the budget gate, the cache, result
   rows, the summary — exactly as in live mode. So resume works as today: every answer is
   made durable on the driver in the event-loop turn it arrives, and a rerun after kill -9
   re-sends only what was in flight. The state folder must sit where the driver writes
