@@ -40,7 +40,7 @@ from typing import Protocol
 
 from batcher.config import RunConfig
 from batcher.errors import Aborted, JobFatal
-from batcher.io.location import Scan
+from batcher.io.location import InputScan
 from batcher.providers import Provider
 from batcher.results import Failed, Sent
 from batcher.types import HttpRequest, RequestRow, ResultRow
@@ -99,7 +99,7 @@ class Engine(Protocol):
     """Turns rows into results for a :class:`Job` (see the module docstring)."""
 
     name: str
-    scan: Scan | None
+    scan: InputScan | None
     """How the input is streamed to the reader; None: read in this process."""
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None: ...

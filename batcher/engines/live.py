@@ -12,7 +12,7 @@ import asyncio
 
 from batcher.config import RunConfig
 from batcher.engine import Job, prepared_to_send
-from batcher.io.location import Scan
+from batcher.io.location import InputScan
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
@@ -25,7 +25,7 @@ class LiveEngine:
     """``--concurrency`` workers sharing one sender; see the module docstring."""
 
     name = "live"
-    scan: Scan | None = None
+    scan: InputScan | None = None
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

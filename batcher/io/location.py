@@ -1,6 +1,6 @@
 """Where an input lives and how its bytes are reached: a local path (read with Python's own
 I/O, as always) or an object-store URL (``s3://``, ``gs://``, ``file://``) read through
-pyarrow's filesystems; and the :class:`Scan` seam through which an engine may stream the
+pyarrow's filesystems; and the :class:`InputScan` seam through which an engine may stream the
 files' content instead (``--engine ray``: Ray Data).
 
 Everything that only *looks at* an input — which files a directory holds, their sizes, the
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from batcher.errors import InputError
 
-__all__ = ["ByteStream", "InputFile", "InputLocation", "Scan", "as_input", "is_url",
+__all__ = ["ByteStream", "InputFile", "InputLocation", "InputScan", "as_input", "is_url",
            "names_a_url"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -71,7 +71,7 @@ class InputFile:
     size: int
 
 
-class Scan(Protocol):
+class InputScan(Protocol):
     """How the content of an input's files reaches the reader, in input order. The default
     (no scan) reads on this process; ``--engine ray`` reads with Ray Data. Either way the
     reader builds the rows from what it yields, so rows, ids and bad-row reports are the
@@ -97,7 +97,7 @@ class InputLocation:
     """An input: a local path, or a URL that :func:`pyarrow.fs.FileSystem.from_uri`
     understands. ``scan`` (None: this process) streams the files' content."""
 
-    def __init__(self, given: str | Path, scan: Scan | None = None) -> None:
+    def __init__(self, given: str | Path, scan: InputScan | None = None) -> None:
         self.given = str(given)
         self.url = is_url(given)
         self.scan = scan

@@ -51,7 +51,7 @@ NODE_LABEL = "ray.io/node-id"
 
 
 class RayScan:
-    """The :class:`~batcher.io.location.Scan` of ``--engine ray``. Joins the cluster at its
+    """The :class:`~batcher.io.location.InputScan` of ``--engine ray``. Joins the cluster at its
     first read (``address`` as for :func:`~.engine.connect`); :meth:`close` shuts Ray down
     if this scan started it."""
 
