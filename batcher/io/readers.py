@@ -90,7 +90,7 @@ def iter_batches(path: Source, options: ReaderOptions,
             plans.append((file, _parquet_shape(file.source, names, options, template)))
         if total == 0:
             raise InputError(location.given, "empty input: no rows")
-    elif not _has_data_line(location, files[0], kind == "jsonl.gz"):
+    elif not _has_data(location, files[0], kind == "jsonl.gz"):
         raise InputError(sources[0], "empty file: no non-blank lines")
 
     def batches() -> Iterator[RowBatch]:
@@ -355,7 +355,13 @@ def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
                        source)
 
 
-def _has_data_line(location: InputLocation, file: InputFile, gz: bool) -> bool:
+def _has_data_line(path: Path, source: str) -> bool:
+    """:func:`_has_data` of a local file (the dry run's scan calls it so)."""
+    return _has_data(InputLocation(path), InputFile(str(path), source, 0),
+                     path.name.lower().endswith(".gz"))
+
+
+def _has_data(location: InputLocation, file: InputFile, gz: bool) -> bool:
     """Whether the JSONL file has at least one non-blank line (reads here, only as far as
     needed)."""
     first = True
