@@ -23,9 +23,11 @@ The contract, for a new engine (``--mode batch``, ``--engine ray``) in one new m
   outside this process (a provider batch, ``--no-wait``) says how many with
   ``job.leave_pending(n)``: the run ends pending (exit 75) and a rerun collects them.
 - **Errors that end the job** (auth, quota, server down) go to ``job.abort(exc)``.
-- **Input** (optional): an engine's ``scan`` says how the input's content is streamed to
-  the runner's reader (``--engine ray``: Ray Data); None reads it in this process. The
-  runner closes it when the job is over (after the finalize, which reads the input's ids).
+- **Input** (optional): an engine with a ``scan`` attribute (a
+  :class:`~batcher.io.location.InputScan`) says how the input's content is streamed to the
+  runner's reader (``--engine ray``: Ray Data); without one (or None) it is read in this
+  process. The runner closes it when the job is over (after the finalize, which reads the
+  input's ids).
 - **Cancellation**: ``job.stop`` is set when the job stops; then the runner calls
   :meth:`Engine.stop` once (and again with ``now=True`` after the grace, or on a second
   Ctrl-C). :meth:`Engine.run` returns when the queue is drained or the engine stopped.
@@ -40,7 +42,6 @@ from typing import Protocol
 
 from batcher.config import RunConfig
 from batcher.errors import Aborted, JobFatal
-from batcher.io.location import InputScan
 from batcher.providers import Provider
 from batcher.results import Failed, Sent
 from batcher.types import HttpRequest, RequestRow, ResultRow
@@ -99,8 +100,6 @@ class Engine(Protocol):
     """Turns rows into results for a :class:`Job` (see the module docstring)."""
 
     name: str
-    scan: InputScan | None
-    """How the input is streamed to the reader; None: read in this process."""
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None: ...
 

@@ -196,7 +196,7 @@ class Runner:
         # Before the state is opened: an engine that cannot run here (Ray not installed)
         # is a usage error (exit 2) that leaves no trace.
         self._engine = get_engine(config)
-        self._input.scan = self._engine.scan
+        self._input.scan = getattr(self._engine, "scan", None)   # optional (see engine.py)
         options = config.reader_options()
         total = count_rows(self._input)
         self._warn_if_slow(total)

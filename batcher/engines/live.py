@@ -12,7 +12,6 @@ import asyncio
 
 from batcher.config import RunConfig
 from batcher.engine import Job, prepared_to_send
-from batcher.io.location import InputScan
 from batcher.limits import Throttle
 from batcher.log import get_logger
 from batcher.pool import Transport
@@ -25,7 +24,6 @@ class LiveEngine:
     """``--concurrency`` workers sharing one sender; see the module docstring."""
 
     name = "live"
-    scan: InputScan | None = None
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

@@ -52,7 +52,6 @@ from batcher.errors import (
     Retryable,
     ServerError,
 )
-from batcher.io.location import InputScan
 from batcher.log import get_logger
 from batcher.pool import Transport
 from batcher.providers import BATCH_URLS, Provider, get_provider
@@ -115,7 +114,6 @@ class BatchEngine:
     """See the module docstring."""
 
     name = "batch"
-    scan: InputScan | None = None
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
