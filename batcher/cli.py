@@ -130,7 +130,7 @@ def cli() -> None:
 
 
 @cli.command(cls=_KeepsArgv)
-@click.argument("input", type=click.Path(path_type=Path))
+@click.argument("input", type=click.Path(path_type=str))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output Parquet file (its state lives beside it in OUTPUT.state/).")
 @request_options
@@ -176,10 +176,11 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
 @click.option("--no-report", is_flag=True,
               help="Job files: don't write NAME.report.html beside the summary.")
-def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_json: bool,
+def run(input: str, output: Path | None, no_progress: bool, dry_run: bool, as_json: bool,
         no_report: bool, **kwargs: Any) -> None:
-    """Run every row of INPUT (.jsonl, .jsonl.gz, .parquet, a folder of .parquet, or a job
-    file .toml) and write one answer per row to OUTPUT.
+    """Run every row of INPUT (.jsonl, .jsonl.gz, .parquet, a folder of .parquet — a local
+    path or an s3:// or gs:// URL — or a job file .toml) and write one answer per row to
+    OUTPUT (a local path).
 
     Exit codes: 0 all ok; 1 finished with failed rows or bad input rows skipped; 2
     usage/config/input error; 3 aborted (auth, quota, budget, lock held, server down or
@@ -196,12 +197,12 @@ def run(input: Path, output: Path | None, no_progress: bool, dry_run: bool, as_j
 
 
 @cli.command()
-@click.argument("input", type=click.Path(path_type=Path))
+@click.argument("input", type=click.Path(path_type=str))
 @request_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--sample", type=int, metavar="N",
               help="Send N random rows for real to measure output length (costs money).")
-def estimate(input: Path, as_json: bool, sample: int | None, **kwargs: Any) -> None:
+def estimate(input: str, as_json: bool, sample: int | None, **kwargs: Any) -> None:
     """Dry run: rows, tokens, cost and time for INPUT. No request is sent (unless --sample)."""
     from batcher.commands import execute_estimate
 

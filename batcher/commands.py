@@ -39,7 +39,7 @@ def _build_config(values: dict[str, Any]) -> RunConfig:
     return make_config({k: v for k, v in values.items() if k not in CLI_ONLY_KEYS})
 
 
-def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
+def execute_run(input: Path | str, output: Path | None, values: dict[str, Any], *,
                 show_progress: bool, argv: list[str] | None = None, report: bool = True) -> int:
     """``batcher run``: one job, or every run of a job file's model matrix. Returns the exit
     code PRODUCT.md defines; for a matrix the worst one (a usage error or an interrupt stops
@@ -50,7 +50,7 @@ def execute_run(input: Path, output: Path | None, values: dict[str, Any], *,
         return _execute_one({**values, "input": input, "output": output},
                             show_progress=show_progress, argv=argv)
     try:
-        runs = load_job(input, {**values, "output": output})
+        runs = load_job(Path(input), {**values, "output": output})
     except BatcherError as exc:
         return fail(exc, exc.exit_code)
     worst = 0
@@ -197,7 +197,7 @@ async def _run_with_signals(runner: Runner, progress_on: bool) -> RunSummary:
             loop.remove_signal_handler(sig)
 
 
-def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
+def execute_estimate(input: Path | str, values: dict[str, Any], *, as_json: bool,
                      sample: int | None) -> int:
     """``batcher estimate`` / ``run --dry-run``: nothing is sent (unless ``sample``). For a
     job file, one estimate per run of its matrix (JSON: a list)."""
@@ -205,7 +205,7 @@ def execute_estimate(input: Path, values: dict[str, Any], *, as_json: bool,
     try:
         if is_job_file(input):
             runs = [{**r.values, "prices": r.prices or None}
-                    for r in load_job(input, {**values, "output": values.get("output")})]
+                    for r in load_job(Path(input), {**values, "output": values.get("output")})]
         else:
             runs = [{**values, "input": input, "output": Path("estimate.parquet")}]
         reports = []
@@ -400,13 +400,13 @@ def _recorded_run(output: Path) -> tuple[dict[str, Any], list[str], Path] | str:
             raise ConfigError(f"{output}: its recorded command no longer parses "
                               f"({exc.format_message()})") from exc
         params = dict(ctx.params)
-        source, dest = Path(params.pop("input")), params.pop("output")
+        source, dest = params.pop("input"), params.pop("output")
         for key in ("no_progress", "dry_run", "as_json", "no_report"):
             params.pop(key, None)
         values = {**collect(params), "no_wait": None, "cancelling": True}
         if not is_job_file(source):
             return {**values, "input": source, "output": dest}, argv, Path(cwd)
-        for job_run in load_job(source, {**values, "output": dest}):
+        for job_run in load_job(Path(source), {**values, "output": dest}):
             if Path(job_run.values["output"]).resolve() == target:
                 return ({**job_run.values, "prices": job_run.prices or None, "no_wait": None,
                          "cancelling": True}, argv, Path(cwd))

@@ -44,7 +44,8 @@ class RunConfig:
     success (while requests were being sent) before the job aborts.
     """
 
-    input: Path
+    input: Path | str
+    """A local path, or an object-store URL (``s3://…``, ``gs://…``: a str)."""
     output: Path
     model: str | None = None
     base_url: str = DEFAULT_BASE_URL
@@ -206,7 +207,13 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
     for key in ("input", "output"):
         if key not in given:
             raise ConfigError(f"missing {key!r}")
-        given[key] = Path(given[key])
+    from batcher.io.location import as_input, names_a_url
+
+    if names_a_url(given["output"]):
+        raise ConfigError(f"output: {given['output']} is a URL; the output (and its state "
+                          "folder) must be a local path, on shared storage for a cluster")
+    given["input"] = as_input(given["input"])
+    given["output"] = Path(given["output"])
     if "cache" in given:
         given["cache"] = Path(given["cache"]).expanduser()
     given.setdefault("base_url", default_base_url())

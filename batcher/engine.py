@@ -23,6 +23,11 @@ The contract, for a new engine (``--mode batch``, ``--engine ray``) in one new m
   outside this process (a provider batch, ``--no-wait``) says how many with
   ``job.leave_pending(n)``: the run ends pending (exit 75) and a rerun collects them.
 - **Errors that end the job** (auth, quota, server down) go to ``job.abort(exc)``.
+- **Input** (optional): an engine with a ``scan`` attribute (a
+  :class:`~batcher.io.location.InputScan`) says how the input's content is streamed to the
+  runner's reader (``--engine ray``: Ray Data); without one (or None) it is read in this
+  process. The runner closes it when the job is over (after the finalize, which reads the
+  input's ids).
 - **Cancellation**: ``job.stop`` is set when the job stops; then the runner calls
   :meth:`Engine.stop` once (and again with ``now=True`` after the grace, or on a second
   Ctrl-C). :meth:`Engine.run` returns when the queue is drained or the engine stopped.

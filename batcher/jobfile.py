@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from batcher.config import RunConfig, make_config
 from batcher.errors import ConfigError
+from batcher.io.location import is_url
 
 JOB_ONLY_KEYS = ("input", "output", "models", "params", "prices", "headers", "name")
 """Keys a job file may hold beyond the ``run`` options (``input``/``output`` are both)."""
@@ -73,9 +74,9 @@ class JobRun:
     prices: dict[str, dict[str, float]]
 
 
-def is_job_file(path: Path) -> bool:
-    """True for a ``.toml`` path (whether or not it exists)."""
-    return path.suffix.lower() == ".toml"
+def is_job_file(path: Path | str) -> bool:
+    """True for a ``.toml`` path (whether or not it exists); never for a URL."""
+    return not is_url(path) and Path(path).suffix.lower() == ".toml"
 
 
 def load_job(path: Path, cli_values: Mapping[str, Any], *,
@@ -149,7 +150,7 @@ def _load(path: Path, cli_values: Mapping[str, Any],
         if values.get(key) is None:
             raise ConfigError(f"{where}: missing {key!r} (a path relative to the job file, "
                               f"or -o/--output for the output)")
-    if is_job_file(Path(values["input"])):
+    if is_job_file(values["input"]):
         raise ConfigError(f"{where}: 'input' is a job file ({values['input']}); it must be the "
                           f"prompts (.jsonl or .parquet)")
     values["job"] = name
@@ -260,6 +261,8 @@ def _config_kinds() -> dict[str, Kind]:
     kinds: dict[str, Kind] = {}
     for name, hint in get_type_hints(RunConfig).items():
         args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) > 1 and all(a in (str, Path) for a in args):
+            hint = str     # a path or a URL
         if get_origin(hint) in (Union, types.UnionType) and len(args) == 1:
             hint = args[0]
         kinds[name] = _kind_of(hint)
@@ -419,7 +422,10 @@ def _merge(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) -> dic
     return values
 
 
-def _absolute(folder: Path, value: str | Path) -> Path:
+def _absolute(folder: Path, value: str | Path) -> Path | str:
+    """A path made absolute against ``folder``; a URL (an input's ``s3://…``) as it is."""
+    if is_url(value):
+        return value
     path = Path(value).expanduser()
     return path if path.is_absolute() else (folder / path).resolve()
 

@@ -52,6 +52,7 @@ from batcher.io.idindex import (
     plan_from_ordinals,
     save_input_plan,
 )
+from batcher.io.location import InputLocation
 from batcher.io.readers import (
     InputProblem,
     ReaderOptions,
@@ -139,6 +140,8 @@ class Runner:
         self._streak_mark = 0
         self._successes = 0
         self._engine: Engine | None = None
+        self._input = InputLocation(config.input)
+        """The input, with the engine's scan once the engine is made."""
         self._left_pending = 0
         """Rows the engine left pending at the provider (batch mode ``--no-wait``)."""
         self.consumers = config.concurrency
@@ -180,6 +183,13 @@ class Runner:
         loop.call_later(self.config.grace, self._abandon_in_flight)
 
     async def run(self) -> RunSummary:
+        try:
+            return await self._run()
+        finally:
+            if self._input.scan is not None:
+                self._input.scan.close()
+
+    async def _run(self) -> RunSummary:
         started_at, t0 = now_iso(), time.monotonic()
         get_provider(self.config.endpoint)
         pool, warning = fit_open_files(self.config.concurrency)
@@ -191,10 +201,11 @@ class Runner:
         # Before the state is opened: an engine that cannot run here (Ray not installed)
         # is a usage error (exit 2) that leaves no trace.
         self._engine = get_engine(config)
+        self._input.scan = getattr(self._engine, "scan", None)   # optional (see engine.py)
         options = config.reader_options()
-        total = count_rows(config.input)
+        total = count_rows(self._input)
         self._warn_if_slow(total)
-        iter_batches(config.input, options)  # checks the file and options up front (exit 2)
+        iter_batches(self._input, options)  # checks the file and options up front (exit 2)
         if config.strict:
             self._validate_strict(options)
         fingerprint = self._fingerprint()
@@ -248,7 +259,7 @@ class Runner:
                     ordered = config.order == "input"
                     store.finalize(flat_fields(schema.schema)
                                    if config.flatten and schema is not None else (),
-                                   input_ids=iter_row_ids(config.input, options)
+                                   input_ids=iter_row_ids(self._input, options)
                                    if ordered else None, input_rows=total)
             except OSError as exc:
                 explained = explain_os_error(exc, config.output, config.state_dir)
@@ -306,7 +317,7 @@ class Runner:
                 if plan is not None:
                     self._log.debug("resume_by_ordinals", done=plan.done)
                     return plan
-        plan = build_plan(iter_row_ids(config.input, options),
+        plan = build_plan(iter_row_ids(self._input, options),
                           (iter_id_status(p) for p in sources),
                           rows_hint=total + store.result_rows(), ok_only=config.retry_failed,
                           folder=config.state_dir)
@@ -316,7 +327,7 @@ class Runner:
     def _fingerprint(self) -> dict[str, JSON]:
         c = self.config
         return {
-            "input": input_fingerprint(c.input), "endpoint": c.endpoint, "model": c.model,
+            "input": input_fingerprint(self._input), "endpoint": c.endpoint, "model": c.model,
             "params": dict(sorted(c.params.items())), "template": c.template,
             "system": c.system, "id_column": c.id_column, "prompt_column": c.prompt_column,
             # Only when set, so that states written before the option existed still match.
@@ -330,8 +341,9 @@ class Runner:
         """Refuse outputs that would destroy data: the input itself, or an existing file that
         batcher did not write (no state beside it) unless ``--restart`` says to replace it."""
         config = self.config
-        output, source = config.output.resolve(), config.input.resolve()
-        if output == source or source in output.parents:
+        output = config.output.resolve()
+        source = None if isinstance(config.input, str) else config.input.resolve()
+        if source is not None and (output == source or source in output.parents):
             raise ConfigError(f"output {config.output} would overwrite the input {config.input}")
         if output.exists() and not config.state_dir.exists() and not config.restart:
             raise ConfigError(
@@ -393,7 +405,7 @@ class Runner:
     def _validate_strict(self, options: ReaderOptions) -> None:
         """--strict: one full pass before anything is sent; any bad row is fatal."""
         problems: list[InputProblem] = []
-        for batch in iter_batches(self.config.input, options):
+        for batch in iter_batches(self._input, options):
             problems.extend(batch.problems)
             if len(problems) >= MAX_PROBLEMS_LOGGED:
                 break
@@ -438,7 +450,7 @@ class Runner:
     async def _read(self, rows: asyncio.Queue[RequestRow | None], options: ReaderOptions,
                     plan: RowPlan) -> None:
         try:
-            for batch in iter_batches(self.config.input, options, plan=plan):
+            for batch in iter_batches(self._input, options, plan=plan):
                 for problem in batch.problems:
                     self._report_problem(problem)
                 for row in batch.rows:

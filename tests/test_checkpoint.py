@@ -149,7 +149,7 @@ def test_input_fingerprint_of_a_1gb_file_reads_two_mib(
     # Counted, not timed: a 1 GiB input costs two reads of 1 MiB, whatever the machine.
     import builtins
 
-    from batcher.state import record as record_module
+    from batcher.io import location as location_module
 
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as fh:
@@ -174,7 +174,7 @@ def test_input_fingerprint_of_a_1gb_file_reads_two_mib(
         def __getattr__(self, name: str) -> Any:
             return getattr(self._fh, name)
 
-    monkeypatch.setattr(record_module, "open",
+    monkeypatch.setattr(location_module, "open",
                         lambda *a, **kw: Counting(builtins.open(*a, **kw)),  # noqa: SIM115
                         raising=False)
     first = input_fingerprint(big)

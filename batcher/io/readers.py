@@ -1,9 +1,12 @@
-"""Stream JSONL / Parquet inputs into request rows, in bounded batches, reporting bad rows."""
+"""Stream JSONL / Parquet inputs into request rows, in bounded batches, reporting bad rows.
+
+An input is a local path, a URL or an :class:`~batcher.io.location.InputLocation`; its
+files' content comes through the location's scan when it has one (``--engine ray``: Ray
+Data), else it is read here. The rows are built here either way."""
 
 from __future__ import annotations
 
-import gzip
-import io
+import contextlib
 import zlib
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
@@ -15,14 +18,11 @@ import pyarrow.parquet as pq
 
 from batcher.errors import InputError
 from batcher.io.idindex import RowPlan, build_plan
+from batcher.io.location import ByteStream, InputFile, InputLocation
 from batcher.io.rows import (
     _BOM,
     _CHUNK_BYTES,
-    _GZ_SUFFIXES,
-    _JSONL_SUFFIXES,
     _LINE_BITS,
-    _PARQUET_BUFFER_BYTES,
-    _SUPPORTED,
     BATCH_ID_COLUMN,
     DEFAULT_ID_COLUMN,
     DEFAULT_PROMPT_COLUMN,
@@ -39,14 +39,21 @@ from batcher.types import RequestRow, RowShape
 
 __all__ = [
     "OUTPUT_COLUMNS", "InputProblem", "ReaderOptions", "RowBatch", "count_rows",
-    "detect_shape", "iter_batches", "iter_row_ids",
+    "detect_shape", "iter_batches", "iter_row_ids", "read_blocks", "record_batches",
 ]
+
+Source = Path | str | InputLocation
+"""An input: a local path, a URL (``s3://…``), or a location that may carry a scan."""
+
+
+def _location(source: Source) -> InputLocation:
+    return source if isinstance(source, InputLocation) else InputLocation(source)
 
 
 # --- public entry points ----------------------------------------------------------------
 
 
-def iter_batches(path: Path, options: ReaderOptions,
+def iter_batches(path: Source, options: ReaderOptions,
                  skip_ids: AbstractSet[str] | None = None, *,
                  plan: RowPlan | None = None,
                  spill_folder: Path | None = None) -> Iterator[RowBatch]:
@@ -67,55 +74,58 @@ def iter_batches(path: Path, options: ReaderOptions,
     Memory: ``batch_size`` rows plus a 1 MiB read buffer (JSONL) or one buffered Parquet
     record batch, plus the plan's two bits per row; nothing per id.
     """
-    kind, files = _resolve(Path(path))
+    location = _location(path)
+    kind, files = location.resolve()
     template = _Template.parse(options.template) if options.template is not None else None
-    sources = [str(f) for f in files]
+    sources = [f.source for f in files]
     if kind == "parquet":
         # Check every file before the first row (fatal problems surface at once), but open
         # each again only when its turn comes: a directory may hold thousands of files.
-        plans: list[tuple[Path, RowShape]] = []
+        plans: list[tuple[InputFile, RowShape]] = []
         total = 0
         for file in files:
-            with _open_parquet(file) as parquet_file:
+            with location.open_parquet(file) as parquet_file:
                 total += parquet_file.metadata.num_rows
                 names = parquet_file.schema_arrow.names
-            plans.append((file, _parquet_shape(str(file), names, options, template)))
+            plans.append((file, _parquet_shape(file.source, names, options, template)))
         if total == 0:
-            raise InputError(str(path), "empty input: no rows")
-    elif not _has_data_line(files[0], sources[0]):
+            raise InputError(location.given, "empty input: no rows")
+    elif not _has_data(location, files[0], kind == "jsonl.gz"):
         raise InputError(sources[0], "empty file: no non-blank lines")
 
     def batches() -> Iterator[RowBatch]:
         row_plan = plan
         if row_plan is None:
-            row_plan = build_plan(iter_row_ids(path, options), rows_hint=count_rows(path),
+            row_plan = build_plan(iter_row_ids(location, options),
+                                  rows_hint=count_rows(location),
                                   skip_ids=skip_ids or (), folder=spill_folder)
         builder = _RowBuilder(options, template, row_plan, sources)
         if kind == "parquet":
-            yield from _iter_parquet(builder, plans, options.batch_size)
+            yield from _iter_parquet(builder, location, plans, options.batch_size)
         else:
             yield from builder.jsonl_batches(
-                _read_blocks(files[0], sources[0], kind == "jsonl.gz"), sources[0])
+                _jsonl_blocks(location, files[0], kind == "jsonl.gz"), sources[0])
 
     return batches()
 
 
-def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str], list[int],
+def iter_row_ids(path: Source, options: ReaderOptions) -> Iterator[tuple[list[str], list[int],
                                                                       list[int]]]:
     """Batches of (id, data-row ordinal, packed position) of the input's rows that own an id,
     by the reader's own rules (:class:`batcher.io.rows._RowBuilder`): a string id (not
     empty), an integer id as text, or ``row-{ordinal}`` when the input gives no ids. The
     pre-pass of :func:`iter_batches`: parses JSONL lines (only their id is kept); reads only
     the id column of Parquet files."""
-    kind, files = _resolve(Path(path))
+    location = _location(path)
+    kind, files = location.resolve()
     template = _Template.parse(options.template) if options.template is not None else None
     rule = _IdPass(options)
     ordinal = 0
     if kind == "parquet":
         for file_index, file in enumerate(files):
-            with _open_parquet(file) as parquet_file:
+            with location.open_parquet(file) as parquet_file:
                 names = parquet_file.schema_arrow.names
-                shape = _parquet_shape(str(file), names, options, template)
+                shape = _parquet_shape(file.source, names, options, template)
                 column = rule.column(shape)
                 base = file_index << _LINE_BITS
                 if column not in names:
@@ -129,8 +139,8 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
                         yield rule.take()
                     continue
                 line = 0
-                for batch in _record_batches(parquet_file, str(file), 65_536,
-                                             columns=[column], use_threads=False):
+                for batch in _parquet_batches(location, file, parquet_file, 65_536,
+                                              columns=[column], use_threads=False):
                     rule.start()
                     for value in batch.column(0).to_pylist():
                         line += 1
@@ -146,7 +156,7 @@ def iter_row_ids(path: Path, options: ReaderOptions) -> Iterator[tuple[list[str]
     decode_error = orjson.JSONDecodeError
     line = 0
     first = True
-    for block in _read_blocks(files[0], str(files[0]), kind == "jsonl.gz"):
+    for block in _jsonl_blocks(location, files[0], kind == "jsonl.gz"):
         if first and block.startswith(_BOM):
             block = block[len(_BOM):]
         first = False
@@ -233,18 +243,19 @@ def _row_group_sizes(parquet_file: pq.ParquetFile) -> Iterator[int]:
         yield metadata.row_group(index).num_rows
 
 
-def count_rows(path: Path) -> int:
+def count_rows(path: Source) -> int:
     """The number of data rows in ``path``: Parquet from file metadata, JSONL by counting
     non-blank lines in large binary chunks (decompressing ``.gz``). Raises :class:`InputError`."""
-    kind, files = _resolve(Path(path))
+    location = _location(path)
+    kind, files = location.resolve()
     total = 0
     if kind == "parquet":
         for file in files:
-            with _open_parquet(file) as parquet_file:
+            with location.open_parquet(file) as parquet_file:
                 total += parquet_file.metadata.num_rows
         return total
     first = True
-    for block in _read_blocks(files[0], str(files[0]), kind == "jsonl.gz"):
+    for block in _jsonl_blocks(location, files[0], kind == "jsonl.gz"):
         if first and block.startswith(_BOM):  # a BOM is not content (as when reading)
             block = block[len(_BOM):]
         first = False
@@ -252,39 +263,25 @@ def count_rows(path: Path) -> int:
     return total
 
 
-# --- resolving and opening inputs -------------------------------------------------------
+# --- opening inputs ---------------------------------------------------------------------
 
 
-def _resolve(path: Path) -> tuple[str, list[Path]]:
-    """(kind, files): kind is ``jsonl``, ``jsonl.gz`` or ``parquet``; directory files sorted."""
-    source = str(path)
-    if not path.exists():
-        raise InputError(source, "no such file or directory")
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir()
-                        if p.is_file() and p.name.lower().endswith(".parquet")
-                        # dot/underscore files are hidden or tool metadata (Spark, Hive)
-                        and not p.name.startswith((".", "_"))),
-                       key=lambda p: p.name)
-        if not files:
-            raise InputError(source, "directory holds no .parquet files")
-        return "parquet", files
-    name = path.name.lower()
-    if name.endswith(_JSONL_SUFFIXES):
-        return "jsonl", [path]
-    if name.endswith(_GZ_SUFFIXES):
-        return "jsonl.gz", [path]
-    if name.endswith(".parquet"):
-        return "parquet", [path]
-    raise InputError(source, f"unsupported input type: expected {_SUPPORTED}")
+def _jsonl_blocks(location: InputLocation, file: InputFile, gz: bool) -> Iterator[bytes]:
+    """A JSONL file's blocks of whole lines: through the location's scan, or read here."""
+    if location.scan is not None:
+        return location.scan.jsonl_blocks(location, file, gz)
+    return read_blocks(location.open_binary(file, gz), file.source)
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
-    try:
-        # Buffered column reads: memory is bounded by the buffer, not by the row group size.
-        return pq.ParquetFile(path, buffer_size=_PARQUET_BUFFER_BYTES, pre_buffer=False)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(str(path), f"cannot read Parquet: {_short(exc)}") from exc
+def _parquet_batches(location: InputLocation, file: InputFile, parquet_file: pq.ParquetFile,
+                     batch_size: int, *, columns: list[str] | None = None,
+                     use_threads: bool = True) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's record batches: through the location's scan, or read here from
+    ``parquet_file`` (the file, open)."""
+    if location.scan is not None:
+        return location.scan.parquet_batches(location, file, columns, batch_size)
+    return record_batches(parquet_file, file.source, batch_size, columns=columns,
+                           use_threads=use_threads)
 
 
 def _parquet_shape(source: str, names: list[str], options: ReaderOptions,
@@ -316,26 +313,16 @@ def _parquet_shape(source: str, names: list[str], options: ReaderOptions,
                      f"{listing}")
 
 
-def _open_binary(path: Path, source: str, gz: bool) -> io.BufferedIOBase:
-    try:
-        if gz:
-            return gzip.GzipFile(path, "rb")
-        return open(path, "rb")
-    except OSError as exc:
-        raise InputError(source, f"cannot open: {_short(exc)}") from exc
-
-
-def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
-    """The file's bytes in large blocks, each ending just after a newline (the last may not).
-
-    Read and decompression errors become :class:`InputError`.
-    """
-    with _open_binary(path, source, gz) as stream:
+def read_blocks(stream: ByteStream, source: str) -> Iterator[bytes]:
+    """``stream``'s bytes in large blocks, each ending just after a newline (the last may
+    not); the stream is closed at the end. Read and decompression errors become
+    :class:`InputError` naming ``source``."""
+    with contextlib.closing(stream):
         pending: list[bytes] = []
         while True:
             try:
                 chunk = stream.read(_CHUNK_BYTES)
-            except (OSError, EOFError, zlib.error) as exc:
+            except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
                 raise InputError(source, f"cannot read: {_short(exc)}") from exc
             if not chunk:
                 break
@@ -355,10 +342,30 @@ def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
             yield b"".join(pending)
 
 
+def _resolve(path: Path) -> tuple[str, list[Path]]:
+    """(kind, files) of a local input, for callers that open its files themselves (the dry
+    run's scan); see :meth:`InputLocation.resolve`."""
+    kind, files = InputLocation(path).resolve()
+    return kind, [Path(f.path) for f in files]
+
+
+def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
+    """:func:`read_blocks` of a local file."""
+    return read_blocks(InputLocation(path).open_binary(InputFile(str(path), source, 0), gz),
+                       source)
+
+
 def _has_data_line(path: Path, source: str) -> bool:
-    """Whether the JSONL file has at least one non-blank line (reads only as far as needed)."""
+    """:func:`_has_data` of a local file (the dry run's scan calls it so)."""
+    return _has_data(InputLocation(path), InputFile(str(path), source, 0),
+                     path.name.lower().endswith(".gz"))
+
+
+def _has_data(location: InputLocation, file: InputFile, gz: bool) -> bool:
+    """Whether the JSONL file has at least one non-blank line (reads here, only as far as
+    needed)."""
     first = True
-    for block in _read_blocks(path, source, path.name.lower().endswith(".gz")):
+    for block in read_blocks(location.open_binary(file, gz), file.source):
         if first and block.startswith(_BOM):
             block = block[len(_BOM):]
         first = False
@@ -381,22 +388,21 @@ def _count_nonblank(block: bytes) -> int:
 # --- Parquet ----------------------------------------------------------------------------
 
 
-def _iter_parquet(builder: _RowBuilder, plans: list[tuple[Path, RowShape]],
-                  batch_size: int) -> Iterator[RowBatch]:
+def _iter_parquet(builder: _RowBuilder, location: InputLocation,
+                  plans: list[tuple[InputFile, RowShape]], batch_size: int) -> Iterator[RowBatch]:
     for file_index, (file, shape) in enumerate(plans):
-        source = str(file)
-        with _open_parquet(file) as parquet_file:
-            yield from _parquet_file_batches(builder, parquet_file, source, file_index, shape,
-                                             batch_size)
+        with location.open_parquet(file) as parquet_file:
+            yield from _parquet_file_batches(builder, location, file, parquet_file, file_index,
+                                             shape, batch_size)
 
 
-def _parquet_file_batches(builder: _RowBuilder, parquet_file: pq.ParquetFile, source: str,
-                          file_index: int, shape: RowShape,
+def _parquet_file_batches(builder: _RowBuilder, location: InputLocation, file: InputFile,
+                          parquet_file: pq.ParquetFile, file_index: int, shape: RowShape,
                           batch_size: int) -> Iterator[RowBatch]:
     decode = _json_columns(shape, builder.options) & set(parquet_file.schema_arrow.names)
-    build = builder.row_function(shape, source, file_index)
+    build = builder.row_function(shape, file.source, file_index)
     line = 0
-    for record_batch in _record_batches(parquet_file, source, batch_size):
+    for record_batch in _parquet_batches(location, file, parquet_file, batch_size):
         records = record_batch.to_pylist()
         for name in decode:
             for record in records:
@@ -445,7 +451,7 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
-def _record_batches(parquet_file: pq.ParquetFile, source: str, batch_size: int, *,
+def record_batches(parquet_file: pq.ParquetFile, source: str, batch_size: int, *,
                     columns: list[str] | None = None,
                     use_threads: bool = True) -> Iterator[pa.RecordBatch]:
     """Record batches of one file (of ``columns`` only, when given); decoding errors

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batcher.errors import InputError
 from batcher.io.idindex import latest_counts
+from batcher.io.location import InputLocation
 from batcher.io.writer import (
     JournalScan,
     fsync_dir,
@@ -60,37 +60,18 @@ def state_dir_for(output: Path) -> Path:
 # --- input fingerprint --------------------------------------------------------------------
 
 
-def _input_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        # The files batcher.io.readers reads: top-level *.parquet, minus '.'/'_' (tool metadata).
-        return sorted((p for p in path.iterdir()
-                       if p.is_file() and p.name.lower().endswith(".parquet")
-                       and not p.name.startswith((".", "_"))), key=lambda p: p.name)
-    raise InputError(str(path), "no such file or directory")
-
-
-def input_fingerprint(path: Path) -> str:
+def input_fingerprint(path: Path | str | InputLocation) -> str:
     """A fast identity of the input, as hex: per file, its size and the sha256 of its first and
-    last MiB (a directory: its ``.parquet`` files in sorted order). Independent of file names, so
-    moving or renaming the input keeps the fingerprint; reads at most 2 MiB per file.
+    last MiB (a directory: its ``.parquet`` files in sorted order). Independent of file names
+    and of where the input lives, so moving, renaming or uploading it (``s3://…``) keeps the
+    fingerprint; reads at most 2 MiB per file, by ranged reads for a URL.
     """
-    path = Path(path)
+    location = path if isinstance(path, InputLocation) else InputLocation(path)
     digest = hashlib.sha256(b"batcher-input-v1")
-    files = _input_files(path)
+    _, files = location.resolve()
     digest.update(len(files).to_bytes(8, "little"))
     for file in files:
-        try:
-            with open(file, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                head = fh.read(_MIB)
-                tail = b""
-                if size > _MIB:
-                    fh.seek(max(_MIB, size - _MIB))
-                    tail = fh.read(_MIB)
-        except OSError as exc:
-            raise InputError(str(file), f"cannot read: {exc.strerror or exc}") from exc
+        size, head, tail = location.head_and_tail(file, _MIB)
         digest.update(size.to_bytes(8, "little"))
         digest.update(hashlib.sha256(head).digest())
         digest.update(hashlib.sha256(tail).digest())

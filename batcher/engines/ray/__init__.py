@@ -6,9 +6,10 @@ turns a missing Ray into a usage error that names the install command.
 
 from __future__ import annotations
 
+from .data import RayScan
 from .engine import RayEngine, connect
 from .limiter import ClusterLimiter, LeasedSlots, lease_size
 from .worker import Reply, SendWorker, WorkerSettings
 
-__all__ = ["ClusterLimiter", "LeasedSlots", "RayEngine", "Reply", "SendWorker", "WorkerSettings",
+__all__ = ["ClusterLimiter", "LeasedSlots", "RayEngine", "RayScan", "Reply", "SendWorker", "WorkerSettings",
            "connect", "lease_size"]

@@ -3,7 +3,8 @@
 How the work is divided (and why):
 
 - **The driver keeps the job.** The process that runs ``batcher run`` keeps everything the
-  runner owns — reading, the state folder, the writer, the budget gate, the cache, result
+  runner owns — building rows from the input (whose content Ray Data read tasks stream to
+  it: :mod:`.data`), the state folder, the writer, the budget gate, the cache, result
   rows, the summary — exactly as in live mode. So resume works as today: every answer is
   made durable on the driver in the event-loop turn it arrives, and a rerun after kill -9
   re-sends only what was in flight. The state folder must sit where the driver writes
@@ -52,6 +53,7 @@ from batcher.log import get_logger
 from batcher.results import Failed, Sent
 from batcher.types import RequestRow
 
+from .data import RayScan
 from .limiter import ClusterLimiter
 from .worker import Reply, SendWorker, WorkerSettings
 
@@ -98,6 +100,9 @@ class RayEngine(LiveEngine):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        self.scan: RayScan = RayScan(config.ray_address)
+        """The input, read with Ray Data; it owns the connection to Ray (the runner closes
+        it after the finalize, which reads the input's ids too)."""
         self._handles: list[Any] = []
         self._limiter: Any = None
         self._waiting: set[asyncio.Task[None]] = set()
@@ -107,7 +112,7 @@ class RayEngine(LiveEngine):
 
     async def run(self, rows: asyncio.Queue[RequestRow | None], job: Job) -> None:
         config = self.config
-        owned = connect(config.ray_address)
+        self.scan.connect()
         try:
             self._start_actors()
             self._outbox = [[] for _ in self._handles]
@@ -128,8 +133,6 @@ class RayEngine(LiveEngine):
                 stream.cancel()
             await asyncio.gather(*self._streams, return_exceptions=True)
             self._stop_actors()
-            if owned:
-                ray.shutdown()
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
