@@ -110,3 +110,19 @@ def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
     result = run_cli("run", job, "--base-url", sim.base_url, "--no-progress")
     assert result.exit_code == 0, result.stderr
     assert len(read_output(tmp_path / "out" / "answers.parquet")) == 3
+
+
+def test_a_dry_run_of_an_s3_jsonl_file_reports_as_its_local_copy(
+        tmp_path: Path, s3: S3) -> None:  # noqa: F811
+    # The one-pass dry run reads local files; an input in object storage goes through the
+    # reader instead, with the same report.
+    lines = [json.dumps(r) for r in prompts(20)] + ["{not json"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    url = s3.put("dry/in.jsonl", src)
+    local = run_cli("estimate", src, "--model", "gpt-4o-mini", "--json")
+    remote = run_cli("estimate", url, "--model", "gpt-4o-mini", "--json")
+    assert local.exit_code == remote.exit_code == 1, remote.stderr   # a bad row: exit 1
+    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
+    assert theirs["rows"] == mine["rows"] == 20 and theirs["bad_rows"] == mine["bad_rows"] == 1
+    assert theirs["input_tokens"] == mine["input_tokens"] > 0
