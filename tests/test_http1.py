@@ -295,3 +295,25 @@ async def test_connections_are_reused_up_to_the_concurrency() -> None:
             await asyncio.gather(*(transport.send(request(server.url())) for _ in range(10)))
     assert server.connections == 3
     assert len(server.requests) == 30
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_a_head_answer_has_no_body_and_the_connection_serves_the_next_request(
+        kind: type[PlainTransport] | type[Transport]) -> None:
+    # The parser is not told the request was HEAD: its announced length must not swallow
+    # the next answer on the same connection.
+    async def head_then_post(server: Server, reader: Reader, writer: Writer) -> None:
+        while (sent := await server.read_request(reader)) is not None:
+            if sent.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            else:
+                writer.write(answer(b'{"after": "head"}'))
+            await writer.drain()
+
+    server = Server(head_then_post)
+    async with server.running(), kind(concurrency=1, timeout=5) as transport:
+        head = await transport.send(HttpRequest("HEAD", server.url(), {}, b""))
+        assert (head.status, head.body) == (200, b"")
+        response = await transport.send(request(server.url()))
+    assert (response.status, response.body) == (200, b'{"after": "head"}')
+    assert server.connections == 1, "the connection is kept alive"

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-HEAVY = ("aiohttp", "jsonschema", "pyarrow", "batcher.simulator.app", "batcher.runner")
+HEAVY = ("aiohttp", "httptools", "jsonschema", "pyarrow", "batcher.simulator.app",
+         "batcher.runner")
 
 
 def _loaded_after(code: str) -> set[str]:
