@@ -202,20 +202,12 @@ class InputLocation:
         """(size, first ``size`` bytes, last ``size`` bytes — only when the file is larger
         than ``size``, else empty; never overlapping the head): two ranged reads."""
         try:
-            if not self.url:
-                with open(file.path, "rb") as fh:
-                    total = fh.seek(0, io.SEEK_END)
-                    fh.seek(0)
-                    head = fh.read(size)
-                    tail = b""
-                    if total > size:
-                        fh.seek(max(size, total - size))
-                        tail = fh.read(size)
-                    return total, head, tail
             # A random-access file of an object store reads each seek-and-read as one
-            # ranged GET.
-            with self.filesystem.open_input_file(file.path) as fh:
-                total = fh.size()
+            # ranged GET; a local file is read by Python's own I/O.
+            with (self.filesystem.open_input_file(file.path) if self.url
+                  else open(file.path, "rb")) as fh:
+                total = fh.seek(0, io.SEEK_END)
+                fh.seek(0)
                 head = fh.read(size)
                 tail = b""
                 if total > size:
