@@ -247,13 +247,11 @@ def estimate_job(config: RunConfig) -> EstimateReport:
                                 field=problem.field, problem=problem.message)
             yield from batch.rows
 
-    local = config.input if isinstance(config.input, Path) else None
-    if config.cache is None and local is not None and is_jsonl(local):
+    if config.cache is None and is_jsonl(config.input):
         # The one-pass dry run (no request built for a row that is only a prompt). The bad
-        # rows are logged as `run` logs them, once the pass is over. An input in object
-        # storage goes row by row through the reader, which reads URLs.
+        # rows are logged as `run` logs them, once the pass is over.
         report, problems = estimate_jsonl(
-            local, options, ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,
+            config.input, options, ctx, config.endpoint, rpm=config.rpm, tpm=config.tpm,
             concurrency=config.concurrency, price_input=config.price_input,
             price_output=config.price_output, prices_table=config.prices,
             batch=config.mode == "batch", problems_kept=MAX_PROBLEMS_LOGGED)

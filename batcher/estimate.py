@@ -456,7 +456,7 @@ def estimate(
 
 
 def estimate_jsonl(
-    path: Path,
+    path: Path | str,
     options: ReaderOptions,
     ctx: RequestContext,
     endpoint: str,

@@ -114,8 +114,8 @@ def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
 
 def test_a_dry_run_of_an_s3_jsonl_file_reports_as_its_local_copy(
         tmp_path: Path, s3: S3) -> None:  # noqa: F811
-    # The one-pass dry run reads local files; an input in object storage goes through the
-    # reader instead, with the same report.
+    # The one-pass dry run reads an object through the same location layer as the reader:
+    # the same report as for the local copy.
     lines = [json.dumps(r) for r in prompts(20)] + ["{not json"]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")

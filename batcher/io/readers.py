@@ -342,25 +342,6 @@ def read_blocks(stream: ByteStream, source: str) -> Iterator[bytes]:
             yield b"".join(pending)
 
 
-def _resolve(path: Path) -> tuple[str, list[Path]]:
-    """(kind, files) of a local input, for callers that open its files themselves (the dry
-    run's scan); see :meth:`InputLocation.resolve`."""
-    kind, files = InputLocation(path).resolve()
-    return kind, [Path(f.path) for f in files]
-
-
-def _read_blocks(path: Path, source: str, gz: bool) -> Iterator[bytes]:
-    """:func:`read_blocks` of a local file."""
-    return read_blocks(InputLocation(path).open_binary(InputFile(str(path), source, 0), gz),
-                       source)
-
-
-def _has_data_line(path: Path, source: str) -> bool:
-    """:func:`_has_data` of a local file (the dry run's scan calls it so)."""
-    return _has_data(InputLocation(path), InputFile(str(path), source, 0),
-                     path.name.lower().endswith(".gz"))
-
-
 def _has_data(location: InputLocation, file: InputFile, gz: bool) -> bool:
     """Whether the JSONL file has at least one non-blank line (reads here, only as far as
     needed)."""

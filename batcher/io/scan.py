@@ -27,13 +27,8 @@ import orjson
 
 from batcher.errors import InputError
 from batcher.io.idindex import NEW, RowPlan, build_plan
-from batcher.io.readers import (
-    _has_data_line,
-    _IdPass,
-    _read_blocks,
-    _resolve,
-    count_rows,
-)
+from batcher.io.location import InputLocation
+from batcher.io.readers import _has_data, _IdPass, count_rows, read_blocks
 from batcher.io.rows import (
     _BOM,
     _PLAN_CACHE_LIMIT,
@@ -71,10 +66,11 @@ class ScanChunk:
     ids: tuple[list[str], list[int], list[int]] | None
 
 
-def is_jsonl(path: Path) -> bool:
-    """Whether ``path`` is a JSONL input (plain or gzipped), not Parquet. Raises
-    :class:`InputError` as the reader does for a missing or unsupported input."""
-    return _resolve(Path(path))[0] != "parquet"
+def is_jsonl(path: Path | str) -> bool:
+    """Whether ``path`` (a local path or a URL) is a JSONL input (plain or gzipped), not
+    Parquet. Raises :class:`InputError` as the reader does for a missing or unsupported
+    input."""
+    return InputLocation(path).resolve()[0] != "parquet"
 
 
 class JsonlScan:
@@ -88,16 +84,17 @@ class JsonlScan:
     unsupported or empty input and a bad template; a read error midway from :meth:`run`.
     """
 
-    def __init__(self, path: Path, options: ReaderOptions, *, prompts: bool,
+    def __init__(self, path: Path | str, options: ReaderOptions, *, prompts: bool,
                  plan: RowPlan | None = None, problems_kept: int = 0) -> None:
-        kind, files = _resolve(Path(path))
+        self.location = InputLocation(path)
+        kind, files = self.location.resolve()
         if kind == "parquet":
             raise ValueError(f"{path}: not a JSONL input")
-        self.file, self.source, self.gz = files[0], str(files[0]), kind == "jsonl.gz"
+        self.file, self.source, self.gz = files[0], files[0].source, kind == "jsonl.gz"
         self.options = options
         self.template = (_Template.parse(options.template) if options.template is not None
                          else None)
-        if not _has_data_line(self.file, self.source):
+        if not _has_data(self.location, self.file, self.gz):
             raise InputError(self.source, "empty file: no non-blank lines")
         self.prompts = prompts
         self.given_plan = plan
@@ -136,12 +133,15 @@ class JsonlScan:
         # lines is enough for that, without a pass of its own (unless that block holds too
         # few lines to tell, or the file is compressed).
         if not self.gz:
-            for block in _read_blocks(self.file, self.source, gz=False):
+            for block in self._blocks():
                 lines = block.count(b"\n")
                 if lines >= 100:
-                    return int(self.file.stat().st_size * lines / len(block)) + 1
+                    return int(self.file.size * lines / len(block)) + 1
                 break
-        return count_rows(self.file)
+        return count_rows(self.location)
+
+    def _blocks(self) -> Iterator[bytes]:
+        return read_blocks(self.location.open_binary(self.file, self.gz), self.source)
 
     def _problem(self, problem: InputProblem) -> None:
         self.bad += 1
@@ -188,7 +188,7 @@ class JsonlScan:
         ids, ordinals, positions = id_lists.take()
         consumed = line = ordinal = 0
         first_block = True
-        for block in _read_blocks(self.file, source, self.gz):
+        for block in self._blocks():
             if first_block and block.startswith(_BOM):
                 block = block[len(_BOM):]
             first_block = False
