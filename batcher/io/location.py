@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batcher.errors import InputError
+from batcher.io.rows import _short
 
 __all__ = ["ByteStream", "InputFile", "InputLocation", "InputScan", "as_input", "is_url",
            "names_a_url"]
@@ -232,8 +233,3 @@ def _kind(name: str, source: str) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     raise InputError(source, f"unsupported input type: expected {_SUPPORTED}")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

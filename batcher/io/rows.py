@@ -40,11 +40,7 @@ DEFAULT_PROMPT_COLUMN: Final = "prompt"
 # lines (~15k bytes objects) stays a few MiB. Counting uses the same size: larger blocks were
 # no faster (1 MiB stays in cache) and cost their size twice over in RSS for good.
 _CHUNK_BYTES = 1 << 20
-_PARQUET_BUFFER_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_GZ_SUFFIXES = (".jsonl.gz", ".ndjson.gz")
-_SUPPORTED = ".jsonl, .ndjson, .jsonl.gz, .ndjson.gz, .parquet or a directory of .parquet files"
 _OUTPUT_SET = frozenset(OUTPUT_COLUMNS)
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 _LINE_BITS = 32  # a seen id's first position is packed as file_index << 32 | line
