@@ -805,6 +805,13 @@ def release_memory() -> None:
         trim(0)
 
 
+def warm_up_arrow() -> None:
+    """Do what pyarrow's first conversion of Python values does once: import pandas when it is
+    installed (~0.3 s of CPU). In a thread while the process waits on the network, so that
+    the first part or output written does not pay it."""
+    pa.array([0], pa.int64())
+
+
 class UnreadableSource(Exception):
     """A Parquet source (a part or the previous output) could not be read; ``path`` names it."""
 
