@@ -314,7 +314,9 @@ class Runner:
         no pass over the input. Otherwise (the first run, results from before a
         ``--force-resume`` or without ordinals): one pass over the input's ids and the
         state's, spilled beside the state (nothing kept per row), and what it learnt of the
-        input is kept for the next resume."""
+        input is kept for the next resume. A first run of a small input
+        (:data:`~batcher.io.idindex.SMALL_PLAN_ROWS`) does that pass in Python, without Arrow
+        (see :func:`~batcher.io.idindex.plan_without_results`)."""
         config = self.config
         kept = store.state_dir / INPUT_PLAN
         key = input_plan_key(fingerprint)
