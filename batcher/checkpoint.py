@@ -17,7 +17,10 @@ Layout of ``results.parquet.state/`` (beside ``results.parquet``):
   surviving a power loss or kernel crash is best effort: the last second may be lost.
 - ``part-NNNNNN.parquet``: a journal compacted (after ``compact_every`` rows, at close, at
   finalize, and on open for a journal left by a crash): written to a tmp file, fsynced, renamed,
-  then the journal deleted. If part-N and journal-N both exist, part-N wins.
+  then the journal deleted. If part-N and journal-N both exist, part-N wins. The tmp file of
+  the live journal's part is built while the journal is written
+  (:class:`batcher.io.writer.PartBuilder`), so that compacting it is only its last rows' work;
+  it is never read, and a crash leaves it to be deleted on open like any tmp file.
 
 Results are ordered by sequence number (finalized output, then parts and journals by N, then line
 order); the latest result of an id wins everywhere (done ids, counters, the final output).
@@ -70,6 +73,7 @@ import pyarrow.parquet as pq
 from batcher.errors import Aborted, ConfigError, StateMismatch
 from batcher.io.idindex import InputIds
 from batcher.io.writer import (
+    PartBuilder,
     UnreadableSource,
     encode_records,
     fsync_dir,
@@ -155,6 +159,8 @@ class StateStore:
         self._need_newline = False
         self._last_fsync = time.monotonic()
         self._broken: str | None = None
+        self._builder: PartBuilder | None = None
+        """The live journal's part, built as it is written (see :meth:`_compact`)."""
 
     # -- opening ------------------------------------------------------------------------
 
@@ -308,8 +314,14 @@ class StateStore:
                 _write_all(fd, data)
             except BaseException:
                 self._need_newline = True
+                self._drop_builder()  # the journal may now hold a fragment it did not see
                 raise
             self._need_newline = False
+            if self._builder is not None:
+                try:
+                    self._builder.add(data)
+                except Exception:  # only a shortcut: the journal is the record
+                    self._drop_builder()
             for r in rows:
                 self._counters.add_result(r.status == "ok", r.prompt_tokens,
                                           r.completion_tokens, r.cost_usd)
@@ -416,6 +428,7 @@ class StateStore:
                 elif self._journal_fd is not None:
                     os.fsync(self._journal_fd)
             finally:
+                self._drop_builder()
                 if self._journal_fd is not None:
                     os.close(self._journal_fd)
                     self._journal_fd = None
@@ -436,7 +449,18 @@ class StateStore:
             path = self._journal_path(self._seq)
             self._journal_fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             self._need_newline = not _ends_with_newline(self._journal_fd)
+            self._drop_builder()
+            if os.fstat(self._journal_fd).st_size == 0:
+                self._builder = PartBuilder(self._part_path(self._seq))
         return self._journal_fd
+
+    def _drop_builder(self) -> None:
+        if self._builder is not None:
+            self._builder.give_up()
+            self._builder = None
+
+    def _part_path(self, seq: int) -> Path:
+        return self.state_dir / f"part-{seq:06d}.parquet"
 
     def _journal_path(self, seq: int) -> Path:
         return self.state_dir / f"journal-{seq:06d}.jsonl"
@@ -455,8 +479,12 @@ class StateStore:
         if self._journal_fd is None:
             return
         journal = self._journal_path(self._seq)
-        if os.fstat(self._journal_fd).st_size == 0:
+        size = os.fstat(self._journal_fd).st_size
+        builder, self._builder = self._builder, None
+        if size == 0:
             # Opened but never written: nothing to keep.
+            if builder is not None:
+                builder.give_up()
             os.close(self._journal_fd)
             self._journal_fd = None
             journal.unlink(missing_ok=True)
@@ -464,8 +492,17 @@ class StateStore:
         os.fsync(self._journal_fd)
         os.close(self._journal_fd)
         self._journal_fd = None
-        part = self.state_dir / f"part-{self._seq:06d}.parquet"
-        self.discarded_records += write_part(journal, part).discarded
+        part = self._part_path(self._seq)
+        # The part built while the journal was written, when it is the one write_part would
+        # write from it; else two passes over the journal (~25 us a row).
+        scan = None
+        if builder is not None:
+            scan = builder.commit() if builder.size == size else None
+            if scan is None:
+                builder.give_up()
+        if scan is None:
+            scan = write_part(journal, part)
+        self.discarded_records += scan.discarded
         journal.unlink()
         fsync_dir(self.state_dir)
         self._seq += 1

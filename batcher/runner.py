@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -45,11 +46,13 @@ from batcher.errors import (
 )
 from batcher.io.flatten import flat_fields
 from batcher.io.idindex import (
+    SMALL_PLAN_ROWS,
     RowPlan,
     build_plan,
     input_plan_key,
     load_input_plan,
     plan_from_ordinals,
+    plan_without_results,
     save_input_plan,
 )
 from batcher.io.location import InputLocation
@@ -60,7 +63,13 @@ from batcher.io.readers import (
     iter_batches,
     iter_row_ids,
 )
-from batcher.io.writer import NoOrdinals, iter_id_status, iter_ordinal_status, release_memory
+from batcher.io.writer import (
+    NoOrdinals,
+    iter_id_status,
+    iter_ordinal_status,
+    release_memory,
+    warm_up_arrow,
+)
 from batcher.log import get_logger
 from batcher.pricing import (
     Budget,
@@ -151,6 +160,8 @@ class Runner:
         self._cache: ResponseCache | None = None
         self._warned_uncacheable = False
         self._context_warned: set[str] = set()
+        self._warming: threading.Thread | None = None
+        """Imports what Arrow needs while the first requests are out (see :meth:`_plan`)."""
         self._unchecked: list[tuple[list[RequestRow], HttpRequest]] = []
         """Requests sent before the price table (and so the context windows) was loaded."""
         self._table: asyncio.Future[None] | None = None
@@ -282,6 +293,8 @@ class Runner:
         except OSError as exc:
             self._log.error("answers_not_saved", rows=len(self._pending), reason=str(exc))
         finally:
+            if self._warming is not None and self._warming.ident is not None:
+                self._warming.join()  # no thread left importing as the process exits
             if self._cache is not None:
                 self._cache.close()
             try:
@@ -301,7 +314,9 @@ class Runner:
         no pass over the input. Otherwise (the first run, results from before a
         ``--force-resume`` or without ordinals): one pass over the input's ids and the
         state's, spilled beside the state (nothing kept per row), and what it learnt of the
-        input is kept for the next resume."""
+        input is kept for the next resume. A first run of a small input
+        (:data:`~batcher.io.idindex.SMALL_PLAN_ROWS`) does that pass in Python, without Arrow
+        (see :func:`~batcher.io.idindex.plan_without_results`)."""
         config = self.config
         kept = store.state_dir / INPUT_PLAN
         key = input_plan_key(fingerprint)
@@ -317,6 +332,14 @@ class Runner:
                 if plan is not None:
                     self._log.debug("resume_by_ordinals", done=plan.done)
                     return plan
+        if not sources and total <= SMALL_PLAN_ROWS:
+            # A small first run: the plan without Arrow, so that pandas is imported later,
+            # while the first requests are out (see _warm_up_arrow).
+            plan = plan_without_results(iter_row_ids(self._input, options))
+            self._warming = threading.Thread(target=warm_up_arrow, name="batcher-warm-up",
+                                             daemon=True)
+            save_input_plan(kept, key, plan)
+            return plan
         plan = build_plan(iter_row_ids(self._input, options),
                           (iter_id_status(p) for p in sources),
                           rows_hint=total + store.result_rows(), ok_only=config.retry_failed,
@@ -667,9 +690,24 @@ class Runner:
 
     def first_send(self) -> None:
         """Load the price table in a thread while the first request is on the wire (~0.2 s),
-        not on the loop at the first answer (nor while a resume still skips done rows)."""
+        not on the loop at the first answer (nor while a resume still skips done rows).
+        Then warm Arrow up (see :meth:`_warm_up_arrow`)."""
         if self.config.model:
-            asyncio.get_running_loop().run_in_executor(None, genai_price, self.config.model)
+            loaded = asyncio.get_running_loop().run_in_executor(None, genai_price,
+                                                                self.config.model)
+            loaded.add_done_callback(self._warm_up_arrow)
+        else:
+            self._warm_up_arrow(None)
+
+    def _warm_up_arrow(self, _: object) -> None:
+        """After a small first run's plan (:meth:`_plan`), import what Arrow's conversions
+        need (pandas, ~0.3 s of CPU; the journal's parts and the output need it) in a thread,
+        once the price table is loaded: the first answer waits for that table, and two
+        threads importing at once would make it wait for both (an import waits for the
+        modules another thread is importing)."""
+        warming = self._warming
+        if warming is not None and warming.ident is None and not self._workers_done:
+            warming.start()
 
     def _release_held(self) -> None:
         for result in self._held:

@@ -347,3 +347,50 @@ def test_results_from_before_a_force_resume_are_told_by_id(
     assert result.exit_code == 0, result.stderr
     assert [r["id"] for r in read_output(out)] == [r["id"] for r in shuffled]
     assert sim.stats.resent_after_ok <= 32  # at most what was in flight at the two kills
+
+
+def _plan_facts(plan: idindex.RowPlan) -> tuple[int, int, list[int], dict[int, tuple[int, int]]]:
+    states = [plan.state(o) for o in range(1, plan.rows + 1)]
+    firsts = {o: plan.first(o) for o in range(1, plan.rows + 1) if states[o - 1] == DUPLICATE}
+    return plan.rows, plan.duplicates, states, {o: (p, int(d)) for o, (p, d) in firsts.items()}
+
+
+def test_a_first_runs_plan_without_arrow_is_the_plan_by_ids(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    rows = [{"id": f"r{rng.randrange(40)}", "prompt": "p"} for _ in range(120)]
+    rows[7] = {"prompt": "no id"}  # a bad row: no ordinal taken by the id pass
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    by_ids = build_plan(iter_row_ids(path, ReaderOptions()), folder=tmp_path)
+    in_python = idindex.plan_without_results(iter_row_ids(path, ReaderOptions()))
+    assert in_python.duplicates > 0
+    assert _plan_facts(in_python) == _plan_facts(by_ids)
+    assert in_python.done_bits == by_ids.done_bits and in_python.dup_bits == by_ids.dup_bits
+    # What a resume keeps of it is the same too.
+    for name, plan in (("python", in_python), ("ids", by_ids)):
+        idindex.save_input_plan(tmp_path / f"{name}.arrow", "k", plan)
+    kept = [idindex.load_input_plan(tmp_path / f"{n}.arrow", "k") for n in ("python", "ids")]
+    assert kept[0] is not None and kept[1] is not None
+    assert kept[0]._dups == kept[1]._dups and kept[0].rows == kept[1].rows
+
+
+def test_a_small_first_run_plans_and_keeps_its_plan_without_importing_pandas(
+        tmp_path: Path) -> None:
+    """pyarrow's first conversion of Python values imports pandas (~0.3 s): a small first run
+    leaves that to a thread while its first requests are out, not before them."""
+    pytest.importorskip("pandas")
+    path = write_jsonl(tmp_path / "in.jsonl", [*prompts(50), {"id": "r3", "prompt": "again"}])
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from batcher.io import idindex\n"
+        "from batcher.io.readers import ReaderOptions, iter_row_ids\n"
+        "plan = idindex.plan_without_results(iter_row_ids(Path(sys.argv[1]), ReaderOptions()))\n"
+        "idindex.save_input_plan(Path(sys.argv[2]), 'k', plan)\n"
+        "assert plan.duplicates == 1, plan.duplicates\n"
+        "print('pandas' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "p.arrow")],
+                          capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert idindex.load_input_plan(tmp_path / "p.arrow", "k") is not None

@@ -22,6 +22,7 @@ import pytest
 from batcher import checkpoint
 from batcher.checkpoint import StateStore, input_fingerprint, state_dir_for, status
 from batcher.errors import Aborted, ConfigError, InputError, LockHeld, StateMismatch
+from batcher.io import writer
 from batcher.io.writer import RESULT_SCHEMA, encode_records, result_to_record
 from batcher.types import ResultRow
 
@@ -388,16 +389,17 @@ def test_failed_write_does_not_swallow_the_next_record(
 def test_failed_compaction_inside_append_keeps_the_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "results.parquet"
-    real = checkpoint.write_part
+    real = writer._commit
 
-    def full_disk(journal: Path, part: Path) -> Any:
+    def full_disk(tmp: Path, path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     with open_store(out, compact_every=2) as store:
-        monkeypatch.setattr(checkpoint, "write_part", full_disk)
+        # Both ways to a part (built while appending, or from the journal) end in _commit.
+        monkeypatch.setattr(writer, "_commit", full_disk)
         store.append(rows(2))  # compaction fails, append still succeeds
         assert any("compacting the journal failed" in w for w in store.warnings)
-        monkeypatch.setattr(checkpoint, "write_part", real)
+        monkeypatch.setattr(writer, "_commit", real)
         store.append(rows(1, prefix="x"))  # same journal, no blank line in between
     assert state_files(out) == ["lock", "meta.json", "part-000001.parquet"]
     with open_store(out) as store:
@@ -733,3 +735,112 @@ def test_status_rounds_the_cost_to_a_millionth_of_a_dollar(tmp_path: Path) -> No
     info = status(out)
     assert info["cost_usd"] == round(sum(0.0001 * (i + 1) / 3 for i in range(7)), 6)
     assert len(repr(info["cost_usd"])) <= 8
+
+
+# --- the part built while the journal is written ------------------------------------------
+
+
+def _journal_rows(n: int, start: int = 0) -> list[ResultRow]:
+    return [row(f"j{i}", "error" if i % 7 == 0 else "ok", output=f"answer {i}" * (i % 3),
+                prompt_tokens=i, cost_usd=i / 1000, latency_ms=float(i), attempts=1,
+                columns={"n": i, "label": f"l{i % 5}", "score": i / 2, "tags": [i, "x"]},
+                ordinal=i + 1)
+            for i in range(start, start + n)]
+
+
+def _compact_and_compare(out: Path, appends: list[list[ResultRow]], tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch, *, built: bool) -> None:
+    """Append ``appends``, then compact (close); the part must be the one write_part writes
+    from the same journal, and (``built``) made without reading the journal again."""
+    calls: list[Path] = []
+    real = checkpoint.write_part
+
+    def spy(journal: Path, part: Path) -> Any:
+        calls.append(journal)
+        return real(journal, part)
+
+    monkeypatch.setattr(checkpoint, "write_part", spy)
+    with open_store(out) as store:
+        for batch in appends:
+            store.append(batch)
+        journal = state_dir_for(out) / "journal-000001.jsonl"
+        copy = tmp_path / "journal-copy.jsonl"
+        shutil.copyfile(journal, copy)
+    assert calls == ([] if built else [journal])
+    assert not [n for n in state_files(out) if n.endswith(".tmp")]
+    reference = tmp_path / "reference.parquet"
+    real(copy, reference)
+    part = state_dir_for(out) / "part-000001.parquet"
+    ours, theirs = pq.ParquetFile(part), pq.ParquetFile(reference)
+    assert ours.read().equals(theirs.read())
+    assert ours.schema_arrow == theirs.schema_arrow
+    assert [ours.metadata.row_group(i).num_rows for i in range(ours.metadata.num_row_groups)] \
+        == [theirs.metadata.row_group(i).num_rows for i in range(theirs.metadata.num_row_groups)]
+
+
+def test_the_part_built_while_appending_is_the_part_written_from_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "BUILD_CHUNK_ROWS", 16)
+    monkeypatch.setattr(writer, "PART_BATCH_ROWS", 64)
+    sizes = random.Random(3).choices([1, 2, 5, 17, 40], k=60)
+    appends, start = [], 0
+    for size in sizes:
+        appends.append(_journal_rows(size, start))
+        start += size
+    # One id answered twice: both rows are kept in the part (the later one wins later).
+    appends.append([row("j3", "ok", output="again", columns={"n": 3}, ordinal=4)])
+    _compact_and_compare(tmp_path / "results.parquet", appends, tmp_path, monkeypatch,
+                         built=True)
+
+
+def test_input_column_types_that_change_late_make_the_part_from_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer, "BUILD_CHUNK_ROWS", 16)
+    monkeypatch.setattr(writer, "PART_BATCH_ROWS", 64)
+    early = _journal_rows(100)
+    late = [row(f"t{i}", columns={"n": f"text {i}", "new": i}) for i in range(30)]
+    _compact_and_compare(tmp_path / "results.parquet", [early, late], tmp_path, monkeypatch,
+                         built=False)
+
+
+BUILDING_APPENDER = """
+import sys
+from pathlib import Path
+from batcher.checkpoint import StateStore
+from batcher.io import writer
+from batcher.types import ResultRow
+writer.BUILD_CHUNK_ROWS, writer.PART_BATCH_ROWS = 16, 64  # parts written while appending
+store = StateStore.open(Path(sys.argv[1]), {"model": "a", "input": "abc"}, run_id="appender",
+                        compact_every=700)
+print("ready", flush=True)
+i = 0
+while True:
+    batch = [ResultRow(id=f"k{i + j}", status="ok", output="x" * 300, columns={"n": i + j})
+             for j in range(1 + i % 4)]
+    store.append(batch)
+    sys.stdout.write("".join(r.id + "\\n" for r in batch))
+    sys.stdout.flush()
+    i += len(batch)
+"""
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_kill_9_while_parts_are_built_keeps_every_acknowledged_append(
+        tmp_path: Path, spawn: Any, seed: int) -> None:
+    out = tmp_path / "results.parquet"
+    rng = random.Random(seed)
+    acked: set[str] = set()
+    for _ in range(2):  # kill, resume, kill again
+        proc = spawn(BUILDING_APPENDER, str(out))
+        time.sleep(rng.uniform(0.05, 0.5))
+        text = kill9(proc)
+        acked |= {line for line in text.split("\n")[:-1]}
+        with open_store(out) as store:
+            assert not [n for n in state_files(out) if n.endswith(".tmp")]
+            done = store.done_ids(include_errors=True)
+            assert acked <= done, f"seed {seed}: lost {sorted(acked - done)[:5]}"
+    assert len(acked) > 700  # parts were built and committed along the way
+    with open_store(out) as store:
+        store.finalize()
+    ids = pq.read_table(out, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) and acked <= set(ids)

@@ -241,3 +241,30 @@ def test_status_of_an_output_that_never_ran_exits_2(tmp_path: Path) -> None:
     result = run_cli("status", tmp_path / "typo.parquet")
     assert result.exit_code == 2
     assert "typo.parquet" in result.stderr and "no output and no state" in result.stderr
+
+
+def test_sigkill_while_the_journal_part_is_built_then_resume_is_exactly_once(
+        tmp_path: Path, make_sim: Callable[..., SimulatorThread]) -> None:
+    """The journal's Parquet part is built as answers arrive (a temporary file beside the
+    journal); a kill -9 then leaves both, and the resume trusts only the journal."""
+    from batcher.io.writer import BUILD_CHUNK_ROWS
+
+    sim = make_sim(latency_ms=20)
+    rows = prompts(6000)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    state = out.with_name(out.name + ".state")
+    proc = _start(sim, src, out, "--concurrency", "32")
+    _wait_for_progress(out, proc, minimum=BUILD_CHUNK_ROWS + 100)
+    building = list(state.glob(".part-*.tmp"))
+    assert proc.poll() is None, "the job ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert building, "no part was being built when the job was killed"
+    proc = _start(sim, src, out, "--concurrency", "32")
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert [r["id"] for r in _assert_exactly_once(out, [r["id"] for r in rows])] == \
+        [r["id"] for r in rows]
+    assert sim.stats.resent_after_ok <= 32  # only what was in flight at the kill
+    assert not list(state.glob(".*.tmp"))

@@ -22,6 +22,7 @@ since); otherwise the ids decide, as above.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import shutil
@@ -244,10 +245,9 @@ class RowPlan:
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
-        empty = cast("pa.Array[Any]", pc.fill_null(pa.nulls(rows + 1, pa.bool_()),
-                                                    pa.scalar(False)))
-        self._done_array: pa.Array[Any] = empty
-        self._dup_array: pa.Array[Any] = self._done_array
+        # Made at the first mark (see _marks): a plan built without Arrow stays without it.
+        self._done_array: pa.Array[Any] | None = None
+        self._dup_array: pa.Array[Any] | None = None
         self._dups: dict[int, tuple[int, int]] = {}
         self.done = 0
         self.duplicates = 0
@@ -291,10 +291,17 @@ class RowPlan:
         position, first = self._dups[ordinal]
         return position, self.state(first) == DONE
 
-    def _scatter(self, into: pa.Array[Any], ordinals: pa.Array[Any]) -> pa.Array[Any]:
+    def _marks(self, array: pa.Array[Any] | None) -> pa.Array[Any]:
+        """``array``, or no row marked yet: ``rows + 1`` falses (by ordinal)."""
+        if array is not None:
+            return array
+        return cast("pa.Array[Any]", pc.fill_null(pa.nulls(self.rows + 1, pa.bool_()),
+                                                  pa.scalar(False)))
+
+    def _scatter(self, into: pa.Array[Any] | None, ordinals: pa.Array[Any]) -> pa.Array[Any]:
         marks = pc.scatter(pc.is_valid(ordinals), ordinals,  # type: ignore[attr-defined]
                            max_index=self.rows)
-        return _flat(pc.or_(into, pc.fill_null(marks, pa.scalar(False))))
+        return _flat(pc.or_(self._marks(into), pc.fill_null(marks, pa.scalar(False))))
 
     def mark_done(self, ordinals: pa.Array[Any]) -> None:
         if len(ordinals):
@@ -318,8 +325,24 @@ class RowPlan:
 
     def seal(self) -> None:
         """Freeze the bitmaps into bytes for the reader's per-row lookups."""
-        self.done_bits = _bits(self._done_array)
-        self.dup_bits = _bits(self._dup_array)
+        self.done_bits = _bits(self._marks(self._done_array))
+        self.dup_bits = _bits(self._marks(self._dup_array))
+
+    @classmethod
+    def of_duplicates(cls, rows: int, duplicates: dict[int, tuple[int, int]]) -> RowPlan:
+        """The sealed plan of an input with nothing done: ``duplicates`` maps each duplicate
+        row's ordinal to (packed position, ordinal) of the first row with its id. Built in
+        Python, without Arrow."""
+        plan = cls(rows)
+        size = (rows >> 3) + 1  # one bit per ordinal 0 … rows, as seal() gives
+        dup_bits = bytearray(size)
+        for ordinal in duplicates:
+            dup_bits[ordinal >> 3] |= 1 << (ordinal & 7)
+        plan._dups = duplicates
+        plan.duplicates = len(duplicates)
+        plan.done_bits = bytes(size)
+        plan.dup_bits = bytes(dup_bits)
+        return plan
 
 
 def _bits(array: pa.Array[Any]) -> bytes:
@@ -361,6 +384,32 @@ def build_plan(input_ids: InputIds, results: Iterable[ResultSource] = (), *,
             _resolve_plan(table, plan, ok_only)
     plan.seal()
     return plan
+
+
+SMALL_PLAN_ROWS = 50_000
+"""Inputs up to this many rows with no result yet get :func:`plan_without_results`."""
+
+
+def plan_without_results(input_ids: InputIds) -> RowPlan:
+    """The :class:`RowPlan` of an input with no result yet (a first run): only its duplicates,
+    as :func:`build_plan` finds them (the first row with an id owns it).
+
+    For small inputs (:data:`SMALL_PLAN_ROWS`): one pass with a dict of the ids (~150 bytes
+    an id, freed on return), and no Arrow at all. That matters before the first request is
+    sent: pyarrow's first conversion of Python values imports pandas when it is installed
+    (~0.3 s of CPU), which :func:`build_plan` would pay on the way to the first request
+    (:func:`save_input_plan` does not convert either)."""
+    first: dict[str, tuple[int, int]] = {}
+    duplicates: dict[int, tuple[int, int]] = {}
+    rows = 0
+    for ids, ordinals, positions in input_ids:
+        for key, ordinal, position in zip(ids, ordinals, positions, strict=True):
+            owner = first.setdefault(key, (position, ordinal))
+            if owner[1] != ordinal:
+                duplicates[ordinal] = owner
+        if ordinals:
+            rows = max(rows, ordinals[-1])
+    return RowPlan.of_duplicates(rows, duplicates)
 
 
 def _resolve_plan(table: pa.Table, plan: RowPlan, ok_only: bool) -> None:
@@ -411,10 +460,10 @@ def save_input_plan(path: Path, key: str, plan: RowPlan) -> None:
     its id was first seen) in ``path`` for :func:`load_input_plan`; ``key`` names the input
     and the id rules it was read with. Atomic (a temporary file renamed); best effort."""
     items = sorted(plan._dups.items())
-    table = pa.table([pa.array([o for o, _ in items], pa.int64()),
-                      pa.array([p for _, (p, _) in items], pa.int64()),
-                      pa.array([f for _, (_, f) in items], pa.int64())],
-                     schema=_PLAN_SCHEMA.with_metadata({"key": key, "rows": str(plan.rows)}))
+    table = pa.Table.from_arrays(
+        [_int64s([o for o, _ in items]), _int64s([p for _, (p, _) in items]),
+         _int64s([f for _, (_, f) in items])],
+        schema=_PLAN_SCHEMA.with_metadata({"key": key, "rows": str(plan.rows)}))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with ipc.new_file(str(tmp), table.schema) as writer:
@@ -423,6 +472,14 @@ def save_input_plan(path: Path, key: str, plan: RowPlan) -> None:
     except (OSError, pa.ArrowException):
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _int64s(values: list[int]) -> pa.Array[Any]:
+    """``values`` as an Arrow int64 array, made from their bytes: unlike ``pa.array``, this
+    does not import pandas (pyarrow does at its first conversion of Python values, ~0.3 s),
+    so that a small first run saves its plan before its first request at no such cost."""
+    return pa.Array.from_buffers(pa.int64(), len(values),
+                                 [None, pa.py_buffer(array.array("q", values))])
 
 
 def load_input_plan(path: Path, key: str) -> RowPlan | None:

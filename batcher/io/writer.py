@@ -466,6 +466,142 @@ def write_part(journal: Path, part: Path) -> JournalScan:
     return scan
 
 
+BUILD_CHUNK_ROWS = 1024
+"""Journal lines a :class:`PartBuilder` gathers before turning them into Arrow arrays (a few
+milliseconds of work each time, on the caller's thread)."""
+
+
+class PartBuilder:
+    """The Parquet part of a journal, built while the journal is written, so that compacting
+    it is only the last few rows' work instead of two passes over the whole journal.
+
+    :meth:`add` is given exactly the bytes appended to the journal, parses them as
+    :func:`iter_journal` would, and converts them to Arrow every :data:`BUILD_CHUNK_ROWS`
+    lines, written to a temporary file in row groups of :data:`PART_BATCH_ROWS` rows, as
+    :func:`write_part` does. :meth:`commit` puts that file in place when it holds the
+    same part :func:`write_part` would write from the journal (same rows, same input-column
+    types, same row groups); otherwise it returns None and the caller writes the part from
+    the journal.
+    A builder that cannot keep up with the journal exactly (a failed append, input-column
+    types that change after the first rows were converted, a write error) gives up
+    (:attr:`usable` False) and removes its file.
+
+    The journal stays the record: the temporary file is never read before :meth:`commit`, and
+    one left by a crash is deleted when the state is opened. Memory: at most
+    :data:`PART_BATCH_ROWS` rows of Arrow arrays and :data:`BUILD_CHUNK_ROWS` rows of values.
+    """
+
+    def __init__(self, part: Path) -> None:
+        self.part = part
+        self.tmp = tmp_path_for(part)
+        self.usable = True
+        self.records = 0
+        self.discarded = 0
+        self.size = 0
+        """Bytes given to :meth:`add` (the journal's size, while usable)."""
+        self._types = ColumnTypes()
+        self._fixed: dict[str, pa.DataType] | None = None
+        """The input-column types the converted rows were given."""
+        self._chunk = _ColumnChunk()
+        self._tables: list[pa.Table] = []
+        self._table_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, data: bytes) -> None:
+        """``data``: the bytes just appended to the journal (whole lines)."""
+        if not self.usable:
+            return
+        if not data.endswith(b"\n"):  # never the case for the store's appends
+            self.give_up()
+            return
+        self.size += len(data)
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        chunk, types = self._chunk, self._types
+        for line in data.split(b"\n")[:-1]:
+            try:
+                rec = loads(line)
+            except decode_error:
+                self.discarded += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                self.discarded += 1
+                continue
+            self.records += 1
+            columns = rec.get(COLUMNS_KEY)
+            if isinstance(columns, dict):
+                types.add(columns)
+            chunk.add(rec)
+        if chunk.size >= BUILD_CHUNK_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        try:
+            if self._chunk.size:
+                column_types = self._types.types()
+                if self._fixed is None:
+                    self._fixed = column_types
+                elif column_types != self._fixed or list(column_types) != list(self._fixed):
+                    self.give_up()  # write_part would type the earlier rows differently
+                    return
+                table = self._chunk.table(self._fixed, ordinals=True)
+                if self._writer is None:
+                    self._writer = pq.ParquetWriter(self.tmp, table.schema)
+                self._tables.append(table)
+                self._table_rows += self._chunk.size
+                self._chunk = _ColumnChunk()
+            while self._table_rows >= PART_BATCH_ROWS:
+                self._write(PART_BATCH_ROWS)
+        except (OSError, pa.ArrowException):
+            self.give_up()
+
+    def _write(self, rows: int) -> None:
+        """One row group of the first ``rows`` rows converted."""
+        table = pa.concat_tables(self._tables)
+        group, rest = table.slice(0, rows), table.slice(rows)
+        assert self._writer is not None  # made with the first table
+        self._writer.write_table(group)
+        self._tables = [rest] if rest.num_rows else []
+        self._table_rows = rest.num_rows
+        del table, group, rest
+        _release_arrow()
+
+    def commit(self) -> JournalScan | None:
+        """Complete the part and put it in place atomically (fsync, rename, as
+        :func:`write_part` does); returns what the journal held, as :func:`write_part` does.
+        None when this builder cannot give the part :func:`write_part` would write (nothing
+        is left behind): the caller writes it from the journal."""
+        if self.usable and self.records:
+            self._convert()
+        if not self.usable or not self.records:
+            self.give_up()
+            return None
+        try:
+            if self._table_rows:
+                self._write(self._table_rows)
+            assert self._writer is not None
+            self._writer.close()
+            self._writer = None
+            _commit(self.tmp, self.part)
+        except (OSError, pa.ArrowException):
+            self.give_up()
+            return None
+        self.usable = False
+        return JournalScan(self.records, self.discarded)
+
+    def give_up(self) -> None:
+        """Stop building; the temporary file is removed. Idempotent."""
+        self.usable = False
+        self._chunk = _ColumnChunk()
+        self._tables = []
+        self._table_rows = 0
+        if self._writer is not None:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()
+            self._writer = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
 ID_BATCH_ROWS = 65_536
 """Rows per batch when only the ids and statuses of a source are read."""
 
@@ -667,6 +803,13 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def warm_up_arrow() -> None:
+    """Do what pyarrow's first conversion of Python values does once: import pandas when it is
+    installed (~0.3 s of CPU). In a thread while the process waits on the network, so that
+    the first part or output written does not pay it."""
+    pa.array([0], pa.int64())
 
 
 class UnreadableSource(Exception):
