@@ -228,12 +228,11 @@ if sys.platform == "linux":
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.madvise.restype = ctypes.c_int
     _madvise = _libc.madvise
-_shared: list[tuple[int, int]] = []
-"""This process's shared mappings (start, end), read from /proc/self/maps when an address is
-in none of them."""
 
 
 def _shared_mappings() -> list[tuple[int, int]]:
+    """This process's shared mappings, (start, end), as of now (read afresh each time: an
+    address that was shared once may be private memory later)."""
     spans = []
     with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
         for line in maps:
@@ -242,16 +241,6 @@ def _shared_mappings() -> list[tuple[int, int]]:
                 start, end = span.split("-")
                 spans.append((int(start, 16), int(end, 16)))
     return spans
-
-
-def _in_shared(start: int, end: int) -> bool:
-    global _shared
-    for attempt in range(2):
-        if any(low <= start and end <= high for low, high in _shared):
-            return True
-        if attempt == 0:
-            _shared = _shared_mappings()
-    return False
 
 
 def _unmap(table: pa.Table) -> None:
@@ -263,6 +252,7 @@ def _unmap(table: pa.Table) -> None:
     if _madvise is None:
         return
     page = mmap.PAGESIZE
+    shared = _shared_mappings()
     for column in table.columns:
         for chunk in column.chunks:
             for buffer in chunk.buffers():
@@ -270,5 +260,5 @@ def _unmap(table: pa.Table) -> None:
                     continue
                 start = -(-buffer.address // page) * page
                 end = (buffer.address + buffer.size) // page * page
-                if end > start and _in_shared(start, end):
+                if end > start and any(low <= start and end <= high for low, high in shared):
                     _madvise(start, end - start, _MADV_DONTNEED)
