@@ -119,3 +119,50 @@ def test_an_s3_input_on_ray_is_read_on_the_cluster(
     assert [e["where"] for e in _events(done.stderr, "bad_row_skipped")] == [f"{url}:21"]
     assert _events(done.stderr, "ray_data_read")
     assert "Traceback" not in done.stderr
+
+
+def _shared_memory_kib() -> int:
+    """This process's resident shared memory (the object store's pages it has mapped)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_the_driver_keeps_neither_big_blocks_nor_the_pages_of_blocks_it_read(
+        local_ray: None, tmp_path: Path) -> None:
+    # The driver's memory must not grow with the input: Ray Data used to merge a file's
+    # tables into one block (up to 128 MiB), and the object-store pages of every block the
+    # driver read stayed in its RSS. 24 MiB of input is more than six blocks; the driver may hold two.
+    from batcher.engines.ray.data import BLOCK_BYTES, RayScan, _read_jsonl
+    from batcher.io.location import InputLocation
+
+    text = "Classify the sentiment of this review, in one word. " * 8
+    lines = [json.dumps({"id": f"r{n}", "prompt": f"{text}{n}"}) for n in range(60_000)]
+    data = ("\n".join(lines) + "\n").encode()
+    src, parquet = tmp_path / "in.jsonl", tmp_path / "in.parquet"
+    src.write_bytes(data)
+    pq.write_table(pa.table({"id": [f"r{n}" for n in range(60_000)],
+                             "prompt": [f"{text}{n}" for n in range(60_000)]}), parquet)
+    assert len(data) > 6 * BLOCK_BYTES
+    scan = RayScan(None)
+    location = InputLocation(src, scan=scan)
+    file = location.resolve()[1][0]
+
+    sizes = [table.nbytes for table in scan._read(
+        location, file, lambda loc, f: _read_jsonl(loc, f, gz=False))]
+    assert len(sizes) >= 6 and max(sizes) < 1.5 * BLOCK_BYTES, sizes
+
+    before = _shared_memory_kib()
+    assert b"".join(scan.jsonl_blocks(location, file, gz=False)) == data
+    grown = _shared_memory_kib() - before
+    assert grown < 2 * BLOCK_BYTES / 1024, f"{grown} KiB of the object store stayed mapped"
+
+    location = InputLocation(parquet, scan=scan)
+    before = _shared_memory_kib()
+    rows = sum(batch.num_rows for batch in scan.parquet_batches(
+        location, location.resolve()[1][0], None, 1024))
+    assert rows == 60_000
+    grown = _shared_memory_kib() - before
+    assert grown < 2 * BLOCK_BYTES / 1024, f"{grown} KiB of the object store stayed mapped"

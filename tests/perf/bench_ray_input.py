@@ -40,12 +40,14 @@ def _write(folder: Path, rows: int) -> dict[str, Path]:
     return paths
 
 
-def _peak_mib() -> float:
-    """This process's peak RSS (VmHWM: ``ru_maxrss`` would carry the parent's over exec)."""
+def _status_mib(field: str) -> float:
+    """A figure of /proc/self/status, in MiB: VmHWM is this process's peak RSS (``ru_maxrss``
+    would carry the parent's over exec), RssShmem the shared pages in its RSS now (the object
+    store's it has mapped), RssAnon its private memory now."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _case(path: str, engine: str) -> None:
@@ -66,8 +68,9 @@ def _case(path: str, engine: str) -> None:
     rows = sum(len(b.rows) for b in iter_batches(location, ReaderOptions()))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     assert rows == total, (rows, total)
-    peak = _peak_mib()
-    print(json.dumps({"rows": rows, "wall": wall, "cpu": cpu, "peak_mib": peak}))
+    print(json.dumps({"rows": rows, "wall": wall, "cpu": cpu, "peak_mib": _status_mib("VmHWM"),
+                      "shared_mib": _status_mib("RssShmem"),
+                      "private_mib": _status_mib("RssAnon")}))
     if scan is not None:
         scan.close()
 
@@ -91,7 +94,9 @@ def main() -> None:
                     print(f"{kind:9} {engine:5} {rows:>9,} rows: "
                           f"{figures['rows'] / figures['wall']:>9,.0f} rows/s, "
                           f"{figures['cpu']:.1f} s CPU (driver), "
-                          f"peak RSS {figures['peak_mib']:.0f} MiB")
+                          f"peak RSS {figures['peak_mib']:.0f} MiB (at the end: "
+                          f"{figures['shared_mib']:.0f} shared, "
+                          f"{figures['private_mib']:.0f} private)")
     for kind in ("jsonl", "jsonl.gz", "parquet"):
         small, large = peaks[(kind, "ray", big // 4)], peaks[(kind, "ray", big)]
         verdict = "met" if large <= small * 1.15 else "NOT met"

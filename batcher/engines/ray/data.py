@@ -7,10 +7,20 @@ one read task (:class:`_FileSource`, via :func:`ray.data.read_datasource`) that 
 cluster: for JSONL it yields the file's bytes in blocks of whole lines (gzip decompressed
 there), for Parquet its record batches (only the columns the pass needs), read by the same
 pyarrow code as the local engine. So rows, ids, line numbers and bad-row reports are exactly
-the local engine's. Blocks come back in order, 4 MiB at a time, never the file whole in one
-piece; but the driver's RSS grows with the bytes read (the object-store pages of the blocks it
-took stay counted in it, bounded by the store's size: 505 MiB peak on a 71 MB JSONL against
-302 MiB on a quarter of it; see tests/perf/bench_ray_input.py). Not yet flat.
+the local engine's.
+
+The driver's memory does not grow with the input (tests/perf/bench_ray_input.py):
+
+- Blocks come back in order, about :data:`BLOCK_BYTES` each: each dataset asks Ray Data for
+  blocks of that size (its default, 128 MiB, merged a file's tables into one block: a 71 MB
+  JSONL reached the driver whole).
+- Ray Data reads at most :data:`READ_AHEAD_BYTES` ahead of the driver (by default it keeps
+  reading into the object store up to a share of the store's size: a whole file).
+- The driver reads a block zero-copy from the object store's shared memory, and every page it
+  touches stays counted in its RSS while mapped, also once the block is freed; blocks read
+  ahead sit at fresh addresses, so that count grew with the bytes read (up to the store's
+  size). Once the driver has a block's content, :func:`_unmap` drops those pages from its
+  page table (the data stays in the store).
 
 Why not :func:`ray.data.read_parquet` / ``read_json``: ``read_json`` parses lines into an
 Arrow table (other types, no per-line reports); ``read_parquet`` in Ray 2.60 plans a
@@ -25,14 +35,17 @@ that node's credentials.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import mmap
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pyarrow as pa
 import ray
-from ray.data import DataContext
+from ray.data import DataContext, ExecutionResources
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import RayError
@@ -46,6 +59,9 @@ BLOCK_BYTES = 4 << 20
 """About how many bytes go in one Ray block (JSONL: whole lines; Parquet: whole record
 batches). Large enough that Ray's cost per block vanishes, small enough that the blocks
 read ahead stay a few MiB."""
+READ_AHEAD_BYTES = 4 * BLOCK_BYTES
+"""How much of a file Ray Data holds in the object store ahead of the driver, at most (its
+``object_store_memory`` limit for the dataset; the driver's own prefetch adds two blocks)."""
 NODE_LABEL = "ray.io/node-id"
 """The label Ray gives every node: its id (reads of a local path stay on this node)."""
 
@@ -84,13 +100,17 @@ class RayScan:
     def jsonl_blocks(self, location: InputLocation, file: InputFile,
                      gz: bool) -> Iterator[bytes]:
         for table in self._read(location, file, functools.partial(_read_jsonl, gz=gz)):
-            yield from cast(list[bytes], table.column(_DATA).to_pylist())
+            blocks = cast(list[bytes], table.column(_DATA).to_pylist())
+            _unmap(table)
+            del table
+            yield from blocks
 
     def parquet_batches(self, location: InputLocation, file: InputFile,
                         columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
         read = functools.partial(_read_parquet, columns=columns, batch_size=batch_size)
         for table in self._read(location, file, read):
             yield from table.to_batches(max_chunksize=batch_size)
+            _unmap(table)   # the reader has asked for the batch after these
 
     def _read(self, location: InputLocation, file: InputFile, read: _Read) -> Iterator[pa.Table]:
         """The tables ``read`` yields in a read task, in order; a read error (the table
@@ -105,6 +125,9 @@ class RayScan:
             args["label_selector"] = {NODE_LABEL: ray.get_runtime_context().get_node_id()}
         dataset = ray.data.read_datasource(_FileSource(location.given, file, read),
                                            override_num_blocks=1, **args)
+        dataset.context.target_max_block_size = BLOCK_BYTES
+        dataset.context.execution_options.resource_limits = ExecutionResources(
+            object_store_memory=READ_AHEAD_BYTES)
         batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow",
                                             prefetch_batches=2))
         while True:
@@ -192,3 +215,50 @@ def _read_parquet(location: InputLocation, file: InputFile, *, columns: list[str
                 bundle, size = [], 0
         if bundle:
             yield pa.Table.from_batches(bundle)
+
+
+_MADV_DONTNEED = 4
+"""Linux's ``madvise`` advice that drops a range's pages from the process's page table. On a
+shared mapping (the object store's) the data stays in the shared memory, and a later access
+reads it back; on private memory it would discard the data, so :func:`_unmap` only applies it
+inside shared mappings."""
+_madvise: Callable[[int, int, int], int] | None = None
+if sys.platform == "linux":
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.madvise.restype = ctypes.c_int
+    _madvise = _libc.madvise
+
+
+def _shared_mappings() -> list[tuple[int, int]]:
+    """This process's shared mappings, (start, end), as of now (read afresh each time: an
+    address that was shared once may be private memory later)."""
+    spans = []
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            span, perms = line.split(maxsplit=2)[:2]
+            if perms[3:4] == "s":
+                start, end = span.split("-")
+                spans.append((int(start, 16), int(end, 16)))
+    return spans
+
+
+def _unmap(table: pa.Table) -> None:
+    """Drops the whole pages of ``table``'s buffers that lie in a shared mapping (the object
+    store's) from this process's page table, so they stop counting in its RSS. Safe while the
+    table is still referenced: a later read faults the pages back in from the store. Does
+    nothing off Linux, or for a table in private memory (a block small enough for Ray to
+    send inline)."""
+    if _madvise is None:
+        return
+    page = mmap.PAGESIZE
+    shared = _shared_mappings()
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is None:
+                    continue
+                start = -(-buffer.address // page) * page
+                end = (buffer.address + buffer.size) // page * page
+                if end > start and any(low <= start and end <= high for low, high in shared):
+                    _madvise(start, end - start, _MADV_DONTNEED)
