@@ -1,7 +1,8 @@
 """Where an input lives and how its bytes are reached: a local path (read with Python's own
 I/O, as always) or an object-store URL (``s3://``, ``gs://``, ``file://``) read through
-pyarrow's filesystems; and the :class:`InputScan` seam through which an engine may stream the
-files' content instead (``--engine ray``: Ray Data).
+pyarrow's filesystems (``gs://`` at an emulator when ``STORAGE_EMULATOR_HOST`` or
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` names one); and the :class:`InputScan` seam through which
+an engine may stream the files' content instead (``--engine ray``: Ray Data).
 
 Everything that only *looks at* an input — which files a directory holds, their sizes, the
 fingerprint's first and last MiB, Parquet footers — goes through :class:`InputLocation`
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -35,6 +39,18 @@ _PARQUET_BUFFER_BYTES = 1 << 20
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _GZ_SUFFIXES = (".jsonl.gz", ".ndjson.gz")
 _SUPPORTED = ".jsonl, .ndjson, .jsonl.gz, .ndjson.gz, .parquet or a directory of .parquet files"
+# A GCS emulator (or any GCS-compatible server without Google's sign-in) is named by the
+# variable Google's clients and the emulators use, STORAGE_EMULATOR_HOST. Arrow's GCS client
+# (google-cloud-cpp) sends its requests to CLOUD_STORAGE_EMULATOR_ENDPOINT on its own but still
+# asks for Google credentials first, which an emulator neither has nor needs (without any, it
+# retries for 15 minutes): so either variable means an anonymous client, the first one winning
+# as it does in Arrow's client. pyarrow takes gcs:// for gs:// too.
+_GCS_SCHEMES = ("gs", "gcs")
+_GCS_EMULATOR_VARIABLES = ("CLOUD_STORAGE_EMULATOR_ENDPOINT", "STORAGE_EMULATOR_HOST")
+# How long the GCS client retries an emulator that does not answer (about twice this, with its
+# backoff). Its default is 15 minutes (1,096 s measured at a closed port), during which Ctrl-C
+# is not acted on: an emulator that is down is a wrong setting, to be told in seconds.
+_GCS_EMULATOR_RETRY = timedelta(seconds=5)
 
 
 def is_url(value: str | Path) -> bool:
@@ -118,7 +134,7 @@ class InputLocation:
                 self._fs_path = str(Path(self.given).resolve())
             else:
                 try:
-                    self._filesystem, self._fs_path = pafs.FileSystem.from_uri(self.given)
+                    self._filesystem, self._fs_path = _url_filesystem(self.given)
                 except (pa.ArrowException, OSError, ValueError) as exc:
                     raise InputError(self.given, f"cannot open this URL: {_short(exc)} (inputs "
                                      "may be local paths or s3://, gs://, file:// URLs)") from exc
@@ -217,6 +233,31 @@ class InputLocation:
                 return total, head, tail
         except (pa.ArrowException, OSError) as exc:
             raise InputError(file.source, f"cannot read: {_short(exc)}") from exc
+
+
+def _url_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``url`` and the path on it: pyarrow's own reading of the URL, except a
+    ``gs://`` URL while a GCS emulator variable is set (see ``_GCS_EMULATOR_VARIABLES``)."""
+    parts = urlsplit(url)
+    emulator = next(((name, os.environ[name]) for name in _GCS_EMULATOR_VARIABLES
+                     if os.environ.get(name)), None)
+    if parts.scheme.lower() not in _GCS_SCHEMES or emulator is None:
+        return pafs.FileSystem.from_uri(url)
+    name, value = emulator
+    endpoint = urlsplit(value if "://" in value else f"http://{value}")
+    if endpoint.scheme not in ("http", "https") or not endpoint.netloc \
+            or endpoint.path.strip("/") or endpoint.query:
+        raise InputError(url, f"{name}={value!r} is not a GCS endpoint such as "
+                         "http://127.0.0.1:9023")
+    if parts.query:
+        raise InputError(url, f"a gs:// URL takes no query options while {name} is set")
+    bucket = parts.netloc.rpartition("@")[2]   # gs://anonymous@bucket/… is anonymous anyway
+    if not bucket:
+        raise InputError(url, "the URL names no bucket")
+    filesystem = pafs.GcsFileSystem(anonymous=True, scheme=endpoint.scheme,
+                                    endpoint_override=endpoint.netloc,
+                                    retry_time_limit=_GCS_EMULATOR_RETRY)
+    return filesystem, f"{bucket}{parts.path}".rstrip("/")
 
 
 def _is_part(name: str) -> bool:
