@@ -23,6 +23,7 @@ fingerprint the runner computes for the command, and times the first request.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,9 @@ def bench_run(tmp: Path, sizes: list[int]) -> None:
         for rows in sizes:
             src = make_input(tmp, rows)
             out = tmp / f"run-{rows}.parquet"
+            # A state left by an earlier run (BENCH_DATA keeps the folder) would change what
+            # this run does: start from nothing.
+            shutil.rmtree(out.with_name(out.name + ".state"), ignore_errors=True)
             wall, rss, code, tail = measured(
                 ["run", str(src), "-o", str(out), "--base-url", sim.base_url, "--model",
                  "gpt-4o-mini", "--no-progress", "--log-format", "json", "--concurrency", "64"])
@@ -113,6 +117,8 @@ def bench_run(tmp: Path, sizes: list[int]) -> None:
             for extra in tmp.glob(f"run-{rows}.*"):
                 if extra.is_file():
                     extra.unlink()
+                else:  # the state folder: the next run of this size starts afresh
+                    shutil.rmtree(extra)
     fitted = 10_000_000 not in peaks
     if fitted and len(peaks) >= 2:
         (x0, y0), (x1, y1) = sorted(peaks.items())[-2:]
