@@ -20,15 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
-from batcher.checkpoint import input_fingerprint
 from batcher.simulate import SimulatorThread
 from tests.conftest import prompts, run_cli, write_jsonl
-from tests.test_input_urls import _bad_rows, _rows, _run
+from tests.test_input_urls import _run, check_runs_as_local_copies
 
 
 @dataclass
@@ -96,34 +93,7 @@ def gcs(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> GCS:
 
 def test_a_gcs_jsonl_file_and_parquet_folder_run_as_their_local_copies(
         tmp_path: Path, sim: SimulatorThread, gcs: GCS) -> None:
-    lines = [json.dumps(r) for r in prompts(12)]
-    lines[3:3] = ["{not json", "", json.dumps({"id": "r1", "prompt": "again"})]
-    src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(lines) + "\n")
-    url = gcs.put("data/in.jsonl", src)
-    assert input_fingerprint(url) == input_fingerprint(src)
-
-    local, remote = tmp_path / "local.parquet", tmp_path / "remote.parquet"
-    first, second = _run(src, local, sim), _run(url, remote, sim)
-    assert first.exit_code == second.exit_code == 1, second.stderr   # bad rows: exit 1
-    assert _rows(local) == _rows(remote)
-    assert _bad_rows(second.stderr) == [
-        (where.replace(str(src), url), field, problem.replace(str(src), url))
-        for where, field, problem in _bad_rows(first.stderr)]
-    assert [w for w, _, _ in _bad_rows(second.stderr)] == [f"{url}:4", f"{url}:6"]
-
-    folder = tmp_path / "parts"
-    folder.mkdir()
-    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["one", None]}), folder / "0.parquet")
-    pq.write_table(pa.table({"id": ["c"], "prompt": ["three"]}), folder / "1.parquet")
-    (folder / "_SUCCESS").write_text("")
-    for part in ("0.parquet", "1.parquet", "_SUCCESS"):
-        gcs.put(f"parts/{part}", folder / part)
-    local, remote = tmp_path / "plocal.parquet", tmp_path / "premote.parquet"
-    first, second = _run(folder, local, sim), _run(f"gs://{gcs.bucket}/parts/", remote, sim)
-    assert first.exit_code == second.exit_code == 1, second.stderr
-    assert _rows(local) == _rows(remote)
-    assert [w for w, _, _ in _bad_rows(second.stderr)] == [f"gs://{gcs.bucket}/parts/0.parquet:2"]
+    check_runs_as_local_copies(tmp_path, sim, gcs, "gs")
 
 
 def test_a_missing_gcs_object_or_bucket_exits_2_naming_the_url(

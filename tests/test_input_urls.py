@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,13 +36,23 @@ def _bad_rows(stderr: str) -> list[tuple[str, str | None, str]]:
             if e["event"] == "bad_row_skipped"]
 
 
-def test_an_s3_jsonl_file_and_parquet_folder_run_as_their_local_copies(
-        tmp_path: Path, sim: SimulatorThread, s3: S3) -> None:  # noqa: F811
+class Store(Protocol):
+    """A bucket on a loopback object-store server (tests/s3_server.py, test_input_gcs.py)."""
+
+    bucket: str
+
+    def put(self, key: str, local: Path) -> str: ...
+
+
+def check_runs_as_local_copies(tmp_path: Path, sim: SimulatorThread, store: Store,
+                               scheme: str) -> None:
+    """A JSONL file (with bad rows) and a Parquet folder at ``scheme://`` URLs give their local
+    copies' output, bad-row reports (the URL in place of the path) and fingerprint."""
     lines = [json.dumps(r) for r in prompts(12)]
     lines[3:3] = ["{not json", "", json.dumps({"id": "r1", "prompt": "again"})]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    url = s3.put("data/in.jsonl", src)
+    url = store.put("data/in.jsonl", src)
     assert input_fingerprint(url) == input_fingerprint(src)   # where it lives is no part of it
 
     local, remote = tmp_path / "local.parquet", tmp_path / "remote.parquet"
@@ -60,12 +70,18 @@ def test_an_s3_jsonl_file_and_parquet_folder_run_as_their_local_copies(
     pq.write_table(pa.table({"id": ["c"], "prompt": ["three"]}), folder / "1.parquet")
     (folder / "_SUCCESS").write_text("")
     for part in ("0.parquet", "1.parquet", "_SUCCESS"):
-        s3.put(f"parts/{part}", folder / part)
+        store.put(f"parts/{part}", folder / part)
     local, remote = tmp_path / "plocal.parquet", tmp_path / "premote.parquet"
-    first, second = _run(folder, local, sim), _run(f"s3://{s3.bucket}/parts/", remote, sim)
+    base = f"{scheme}://{store.bucket}/parts/"
+    first, second = _run(folder, local, sim), _run(base, remote, sim)
     assert first.exit_code == second.exit_code == 1, second.stderr
     assert _rows(local) == _rows(remote)
-    assert [w for w, _, _ in _bad_rows(second.stderr)] == [f"s3://{s3.bucket}/parts/0.parquet:2"]
+    assert [w for w, _, _ in _bad_rows(second.stderr)] == [f"{base}0.parquet:2"]
+
+
+def test_an_s3_jsonl_file_and_parquet_folder_run_as_their_local_copies(
+        tmp_path: Path, sim: SimulatorThread, s3: S3) -> None:  # noqa: F811
+    check_runs_as_local_copies(tmp_path, sim, s3, "s3")
 
 
 def test_a_resume_of_an_s3_input_sends_nothing_twice(
