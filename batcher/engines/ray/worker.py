@@ -12,6 +12,7 @@ needs to hear (an abort, counters).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -146,6 +147,12 @@ class SendWorker:
         me = ray.get_runtime_context().current_actor
         until = await self._limiter.register.remote(me)
         self.cooldown(until)
+        # What the process holds by now (Ray, aiohttp, pyarrow: a few hundred thousand
+        # objects) stays; without this the first full collection walks all of it, ~60 ms in
+        # which a request released to the wire waits in this loop while the next worker's
+        # turn sends on time: the two arrive together at a strict gateway (a 429, and a
+        # cooldown of the whole cluster; seen as the 4th send of an actor, every other run).
+        gc.freeze()
         return self._sender
 
     def _on_abort(self, exc: Aborted | JobFatal) -> None:
