@@ -10,7 +10,6 @@ and seek: the objects here stay small (KiBs) so a download never waits on an unr
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 
 from batcher.simulate import SimulatorThread
 from tests.conftest import prompts, run_cli, write_jsonl
-from tests.test_input_urls import _run, check_runs_as_local_copies
+from tests.test_input_urls import _run, check_dry_run_as_local_copy, check_runs_as_local_copies
 
 
 @dataclass
@@ -109,16 +108,7 @@ def test_a_missing_gcs_object_or_bucket_exits_2_naming_the_url(
 
 def test_a_dry_run_of_a_gcs_jsonl_file_reports_as_its_local_copy(
         tmp_path: Path, gcs: GCS) -> None:
-    lines = [json.dumps(r) for r in prompts(20)] + ["{not json"]
-    src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(lines) + "\n")
-    url = gcs.put("dry/in.jsonl", src)
-    local = run_cli("estimate", src, "--model", "gpt-4o-mini", "--json")
-    remote = run_cli("estimate", url, "--model", "gpt-4o-mini", "--json")
-    assert local.exit_code == remote.exit_code == 1, remote.stderr   # a bad row: exit 1
-    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
-    assert theirs["rows"] == mine["rows"] == 20 and theirs["bad_rows"] == mine["bad_rows"] == 1
-    assert theirs["input_tokens"] == mine["input_tokens"] > 0
+    check_dry_run_as_local_copy(tmp_path, gcs)
 
 
 def test_an_emulator_variable_that_is_no_endpoint_exits_2_naming_the_url_and_variable(

@@ -128,17 +128,21 @@ def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
     assert len(read_output(tmp_path / "out" / "answers.parquet")) == 3
 
 
-def test_a_dry_run_of_an_s3_jsonl_file_reports_as_its_local_copy(
-        tmp_path: Path, s3: S3) -> None:  # noqa: F811
-    # The one-pass dry run reads an object through the same location layer as the reader:
-    # the same report as for the local copy.
+def check_dry_run_as_local_copy(tmp_path: Path, store: Store) -> None:
+    """``batcher estimate`` of a JSONL object (with a bad row) reports as its local copy: the
+    one-pass dry run reads it through the same location layer as the reader."""
     lines = [json.dumps(r) for r in prompts(20)] + ["{not json"]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    url = s3.put("dry/in.jsonl", src)
+    url = store.put("dry/in.jsonl", src)
     local = run_cli("estimate", src, "--model", "gpt-4o-mini", "--json")
     remote = run_cli("estimate", url, "--model", "gpt-4o-mini", "--json")
     assert local.exit_code == remote.exit_code == 1, remote.stderr   # a bad row: exit 1
     mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
     assert theirs["rows"] == mine["rows"] == 20 and theirs["bad_rows"] == mine["bad_rows"] == 1
     assert theirs["input_tokens"] == mine["input_tokens"] > 0
+
+
+def test_a_dry_run_of_an_s3_jsonl_file_reports_as_its_local_copy(
+        tmp_path: Path, s3: S3) -> None:  # noqa: F811
+    check_dry_run_as_local_copy(tmp_path, s3)
