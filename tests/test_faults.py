@@ -444,6 +444,34 @@ def test_advice_as_http_date_or_ratelimit_reset_is_honoured(
     assert least * 1000 - 50 <= row["wait_ms"] < 3500
 
 
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_5xx_is_retried_without_waiting_for_the_rate_windows_reset(
+        tmp_path: Path, http_server: Callable[[Callable[[int, str], Answer]], str],
+        paced: bool) -> None:
+    # OpenAI-style gateways put x-ratelimit-* on every answer, a 500 too: its reset says
+    # when the rate window refills (20 s here), not when to retry the 500. Paced, the retry
+    # takes the next slot at once; unpaced, it waits its random backoff (at most 0.5 s).
+    arrivals: list[float] = []
+
+    def answer(number: int, _auth: str) -> Answer:
+        arrivals.append(time.monotonic())
+        headers = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "598",
+                   "x-ratelimit-reset-requests": "20s", "x-ratelimit-reset-tokens": "20s"}
+        if number == 0:
+            return 500, headers, b'{"error": {"message": "boom", "type": "server_error"}}'
+        return 200, headers, CHAT_OK
+
+    base_url = http_server(answer)
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    out = tmp_path / "out.parquet"
+    result = _run(base_url, src, out, "--concurrency", "1", *(("--rpm", "600") if paced else ()))
+    assert result.exit_code == 0, result.stderr
+    [row] = read_output(out)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["output"] == "fine"
+    assert len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] < (0.5 if paced else 1.5)
+
+
 def test_ratelimit_remaining_at_zero_holds_the_next_send_until_the_reset(
         tmp_path: Path, http_server: Callable[[Callable[[int, str], Answer]], str]) -> None:
     arrivals: list[float] = []

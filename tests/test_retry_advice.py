@@ -66,6 +66,15 @@ def test_litellm_retry_after_reaches_the_typed_error(status: int, kind: type) ->
                                           b'{"error": {"message": "slow down"}}'))
     assert isinstance(error, kind) and error.retry_after == 3.0
 
+def test_a_5xx_takes_only_a_stated_retry_after_but_a_429_also_the_windows_reset() -> None:
+    resets = {"x-ratelimit-reset-requests": "20s", "x-ratelimit-reset-tokens": "6m0s"}
+    body = b'{"error": {"message": "boom"}}'
+    assert error_for_status(HttpResponse(500, resets, body)).retry_after is None
+    assert error_for_status(HttpResponse(503, {**resets, "retry-after": "2"},
+                                         body)).retry_after == 2.0
+    assert error_for_status(HttpResponse(429, resets, body)).retry_after == 360.0
+
+
 @pytest.mark.parametrize(("base", "path", "url"), [
     ("https://api.openai.com/v1", "/chat/completions", "https://api.openai.com/v1/chat/completions"),
     ("https://api.openai.com/v1/", "chat/completions", "https://api.openai.com/v1/chat/completions"),

@@ -179,25 +179,32 @@ LITELLM_PREFIX = "llm_provider-"
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """The server's advised wait in seconds, from (in order) ``retry-after-ms``,
-    ``retry-after`` (seconds or an HTTP date), then the larger of
+    """A rate limit's wait in seconds: the :func:`advised_wait`, else the larger of
     ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens``. None when none is given.
-
-    A LiteLLM proxy's ``llm_provider-retry-after-ms`` / ``llm_provider-retry-after`` (the
-    upstream provider's advice) count as well: when both the proxy and the upstream advise a
-    wait, the longer one wins, since retrying earlier than either said gets another 429.
     Header names must be lower-case."""
-    advised = [wait for wait in (_retry_after(headers, "", now),
-                                 _retry_after(headers, LITELLM_PREFIX, now))
-               if wait is not None]
-    if advised:
-        return max(advised)
+    advised = advised_wait(headers, now)
+    if advised is not None:
+        return advised
     resets = [
         d for d in (parse_duration(headers.get("x-ratelimit-reset-requests", "")),
                     parse_duration(headers.get("x-ratelimit-reset-tokens", "")))
         if d is not None
     ]
     return max(resets) if resets else None
+
+
+def advised_wait(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait the server advises in so many words, in seconds: ``retry-after-ms``, else
+    ``retry-after`` (seconds or an HTTP date). None when neither is given.
+
+    A LiteLLM proxy's ``llm_provider-retry-after-ms`` / ``llm_provider-retry-after`` (the
+    upstream provider's advice) count as well: when both the proxy and the upstream advise a
+    wait, the longer one wins, since retrying earlier than either said gets another refusal.
+    Header names must be lower-case."""
+    advised = [wait for wait in (_retry_after(headers, "", now),
+                                 _retry_after(headers, LITELLM_PREFIX, now))
+               if wait is not None]
+    return max(advised) if advised else None
 
 
 def _retry_after(headers: Mapping[str, str], prefix: str, now: float | None) -> float | None:
@@ -256,7 +263,11 @@ def error_for_status(response: HttpResponse) -> ProviderError:
             return QuotaExhausted(text, status=status)
         return RateLimited(text, status=status, retry_after=retry_after_seconds(response.headers))
     if status in RETRYABLE_STATUSES or status >= 500:
-        return ServerError(text, status=status, retry_after=retry_after_seconds(response.headers))
+        # Only a stated Retry-After: gateways that send x-ratelimit-reset-* send them on
+        # every answer, and they say when a rate window refills, not when a 5xx is over.
+        # Taken as advice, they held every retry of a 5xx until the window's end: the next
+        # second-slice on the simulator, hours behind a requests-per-day limit.
+        return ServerError(text, status=status, retry_after=advised_wait(response.headers))
     return BadRequest(text, status=status)
 
 
