@@ -672,6 +672,25 @@ async def test_resent_after_ok_counts_only_bodies_answered_ok_before() -> None:
     assert (failed[0], retried[0]) == (500, 200)
 
 
+async def test_retry_delays_time_each_resend_of_a_body_answered_5xx() -> None:
+    clock = FakeClock(10.0)
+    a = {"messages": [{"role": "user", "content": "a"}]}
+    b = {"messages": [{"role": "user", "content": "b"}]}
+    async with served(SimConfig(script=("500", "ok", "503", "502")), clock) as client:
+        assert (await post(client, CHAT, a))[0] == 500
+        clock.now = 10.25
+        await post(client, CHAT, b)                    # another body: not a retry
+        clock.now = 10.5
+        assert (await post(client, CHAT, a))[0] == 503   # a retry, 500 ms late; fails again
+        clock.now = 10.52
+        assert (await post(client, CHAT, a))[0] == 502   # 20 ms after that 503
+        await post(client, CHAT, b)                    # b was answered ok: not a retry
+        assert stats_of(client).retry_delays_ms == pytest.approx([500.0, 20.0])
+        async with client.get("/_stats") as resp:
+            summary = (await resp.json())["retry_delay_ms"]
+    assert summary == {"count": 2, "p50": 20.0, "p90": 500.0, "p99": 500.0, "max": 500.0}
+
+
 async def test_stats_endpoint_through_a_thread() -> None:
     with SimulatorThread(SimConfig(latency_ms=40)) as sim:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", sim.base_url)

@@ -110,6 +110,9 @@ class _State:
                 self.thresholds.append((total, item))
         self.has_delay = config.latency_ms > 0 or config.jitter_ms > 0
         self.answered: set[bytes] = set()
+        self.failed_at: dict[bytes, float] = {}
+        """Raw bodies (sha1) last answered with a 5xx, and when: the next arrival of one is
+        the client's retry, whose delay goes to ``Stats.retry_delays_ms``."""
         self.closing = asyncio.Event()
         self._ids = itertools.count(1)
         self._id_base = os.urandom(4).hex()
@@ -241,12 +244,15 @@ async def _answer(request: web.Request, state: _State, dialect: wire.Dialect,
     digest = hashlib.sha1(raw).digest()
     if digest in state.answered:
         state.stats.resent_after_ok += 1
+    failed_at = state.failed_at.pop(digest, None)
+    if failed_at is not None:
+        state.stats.record_retry((state.clock() - failed_at) * 1000.0)
 
     item = state.script.popleft() if state.script else None
     if item is not None and item.kind not in ("ok", "cut-stream"):
         if state.has_delay and item.kind != "hang":
             await asyncio.sleep(state.delay())
-        return await _fault(request, state, dialect, item, None, {})
+        return await _fault(request, state, dialect, item, None, {}, digest)
 
     if state.strict is not None:
         refused = _enforce_strict(state, dialect, state.strict)
@@ -278,7 +284,7 @@ async def _answer(request: web.Request, state: _State, dialect: wire.Dialect,
     if state.has_delay and (fault is None or fault.kind != "hang"):
         await asyncio.sleep(state.delay())
     if fault is not None and fault.kind != "ok":
-        return await _fault(request, state, dialect, fault, plan, headers)
+        return await _fault(request, state, dialect, fault, plan, headers, digest)
     return await _send(request, state, plan, headers, digest)
 
 
@@ -319,10 +325,13 @@ async def _send(request: web.Request, state: _State, plan: Plan, headers: dict[s
 
 
 async def _fault(request: web.Request, state: _State, dialect: wire.Dialect, item: ScriptItem,
-                 plan: Plan | None, headers: dict[str, str]) -> web.StreamResponse:
+                 plan: Plan | None, headers: dict[str, str],
+                 digest: bytes) -> web.StreamResponse:
     kind = item.kind
     status = item.status or (529 if dialect == "anthropic" else 500)
     state.stats.count_fault(str(status) if kind in ("status", "fail") else kind)
+    if kind in ("status", "fail") and status >= 500:
+        state.failed_at[digest] = state.clock()
     if kind in _ABORT:
         if kind == "hang":
             await _hang(state)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from batcher.types import JSON
+
+RETRY_DELAYS_KEPT = 100_000
+
+
+def _quantiles(values: list[float]) -> dict[str, JSON]:
+    """count, p50, p90, p99 (nearest rank) and max of ``values`` (ms, rounded to 0.1);
+    None for each when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    return {"count": len(ordered),
+            **{f"p{q}": round(ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)], 1)
+               for q in (50, 90, 99)},
+            "max": round(ordered[-1], 1)}
 
 
 @dataclass(slots=True)
@@ -47,6 +62,9 @@ class Stats:
       let through / answered 429 (those 429s are not in ``rate_limited``).
     - ``resent_after_ok``: requests whose raw body (sha1) had already got an ok answer —
       i.e. work the client paid for twice.
+    - ``retry_delays_ms``: for each request whose raw body was last answered with a 5xx,
+      the milliseconds from that answer to this arrival: how soon the client retried (the
+      first :data:`RETRY_DELAYS_KEPT`; :meth:`as_dict` gives their count and quantiles).
     - ``in_flight`` / ``max_in_flight``: requests being handled now / at most at once.
 
     Another thread may read the fields or call :meth:`as_dict` at any time (a consistent
@@ -65,6 +83,7 @@ class Stats:
     completion_tokens: int = 0
     usage_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
     resent_after_ok: int = 0
+    retry_delays_ms: list[float] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
     batches: BatchCounters = field(default_factory=BatchCounters)
@@ -84,6 +103,10 @@ class Stats:
     def count_fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
 
+    def record_retry(self, delay_ms: float) -> None:
+        if len(self.retry_delays_ms) < RETRY_DELAYS_KEPT:
+            self.retry_delays_ms.append(delay_ms)
+
     def as_dict(self) -> dict[str, JSON]:
         """A JSON-ready snapshot (``by_status`` keys become strings, as JSON requires)."""
         return {
@@ -99,6 +122,7 @@ class Stats:
             "completion_tokens": self.completion_tokens,
             "usage_by_model": {m: dict(u) for m, u in list(self.usage_by_model.items())},
             "resent_after_ok": self.resent_after_ok,
+            "retry_delay_ms": _quantiles(self.retry_delays_ms),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "batches": self.batches.as_dict(),
