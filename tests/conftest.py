@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,17 @@ def make_sim() -> Iterator[Callable[..., SimulatorThread]]:
 @pytest.fixture
 def sim(make_sim: Callable[..., SimulatorThread]) -> SimulatorThread:
     return make_sim()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """Terminate a server process a test started; kill it if it is still there after
+    ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

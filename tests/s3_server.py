@@ -15,16 +15,20 @@ KEY_ID, SECRET = "test-key-id", "test-secret"
 
 
 @dataclass
-class S3:
+class Bucket:
+    """A fresh bucket on a loopback object-store server (this module's S3, or the GCS
+    emulator of test_input_gcs.py): its URL scheme, endpoint and Arrow filesystem."""
+
+    scheme: str
     endpoint: str
     bucket: str
-    fs: pafs.S3FileSystem
+    fs: pafs.FileSystem
 
     def put(self, key: str, local: Path) -> str:
-        """Upload ``local`` as ``key`` of this test's bucket; its ``s3://`` URL."""
+        """Upload ``local`` as ``key`` of this bucket; its ``scheme://`` URL."""
         with self.fs.open_output_stream(f"{self.bucket}/{key}") as stream:
             stream.write(local.read_bytes())
-        return f"s3://{self.bucket}/{key}"
+        return f"{self.scheme}://{self.bucket}/{key}"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3:
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
     """A fresh bucket; the environment points pyarrow (and subprocesses) at the server."""
     for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": KEY_ID,
                         "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
@@ -50,4 +54,4 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3:
                            endpoint_override=s3_endpoint, allow_bucket_creation=True)
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     fs.create_dir(bucket)
-    return S3(s3_endpoint, bucket, fs)
+    return Bucket("s3", s3_endpoint, bucket, fs)

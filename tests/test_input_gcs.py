@@ -16,28 +16,15 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
 from batcher.simulate import SimulatorThread
-from tests.conftest import prompts, run_cli, write_jsonl
+from tests.conftest import prompts, run_cli, stop_process, write_jsonl
+from tests.s3_server import Bucket
 from tests.test_input_urls import _run, check_dry_run_as_local_copy, check_runs_as_local_copies
-
-
-@dataclass
-class GCS:
-    endpoint: str
-    bucket: str
-    fs: pafs.GcsFileSystem
-
-    def put(self, key: str, local: Path) -> str:
-        """Upload ``local`` as ``key`` of this test's bucket; its ``gs://`` URL."""
-        with self.fs.open_output_stream(f"{self.bucket}/{key}") as stream:
-            stream.write(local.read_bytes())
-        return f"gs://{self.bucket}/{key}"
 
 
 def _free_port() -> int:
@@ -70,16 +57,11 @@ def gcs_endpoint() -> Iterator[str]:
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 @pytest.fixture
-def gcs(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> GCS:
+def gcs(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
     """A fresh bucket; the environment points batcher at the server."""
     monkeypatch.delenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", raising=False)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
@@ -87,16 +69,16 @@ def gcs(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> GCS:
                             endpoint_override=gcs_endpoint.removeprefix("http://"))
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     fs.create_dir(bucket)
-    return GCS(gcs_endpoint, bucket, fs)
+    return Bucket("gs", gcs_endpoint, bucket, fs)
 
 
 def test_a_gcs_jsonl_file_and_parquet_folder_run_as_their_local_copies(
-        tmp_path: Path, sim: SimulatorThread, gcs: GCS) -> None:
-    check_runs_as_local_copies(tmp_path, sim, gcs, "gs")
+        tmp_path: Path, sim: SimulatorThread, gcs: Bucket) -> None:
+    check_runs_as_local_copies(tmp_path, sim, gcs)
 
 
 def test_a_missing_gcs_object_or_bucket_exits_2_naming_the_url(
-        tmp_path: Path, sim: SimulatorThread, gcs: GCS) -> None:
+        tmp_path: Path, sim: SimulatorThread, gcs: Bucket) -> None:
     gcs.put("in.jsonl", write_jsonl(tmp_path / "in.jsonl", prompts(2)))
     for missing in (f"gs://{gcs.bucket}/nope.jsonl", "gs://no-such-bucket-here/in.jsonl"):
         result = _run(missing, tmp_path / "out.parquet", sim)
@@ -107,7 +89,7 @@ def test_a_missing_gcs_object_or_bucket_exits_2_naming_the_url(
 
 
 def test_a_dry_run_of_a_gcs_jsonl_file_reports_as_its_local_copy(
-        tmp_path: Path, gcs: GCS) -> None:
+        tmp_path: Path, gcs: Bucket) -> None:
     check_dry_run_as_local_copy(tmp_path, gcs)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from batcher.checkpoint import input_fingerprint
 from batcher.simulate import SimulatorThread
 from tests.conftest import prompts, read_output, run_cli, write_jsonl
-from tests.s3_server import S3, s3, s3_endpoint  # noqa: F401  (fixtures)
+from tests.s3_server import Bucket, s3, s3_endpoint  # noqa: F401  (fixtures)
 from tests.test_resume import _assert_exactly_once, _start, _wait_for_progress
 
 COMPARED = ("id", "status", "output", "prompt_tokens", "completion_tokens", "error", "prompt")
@@ -36,17 +36,8 @@ def _bad_rows(stderr: str) -> list[tuple[str, str | None, str]]:
             if e["event"] == "bad_row_skipped"]
 
 
-class Store(Protocol):
-    """A bucket on a loopback object-store server (tests/s3_server.py, test_input_gcs.py)."""
-
-    bucket: str
-
-    def put(self, key: str, local: Path) -> str: ...
-
-
-def check_runs_as_local_copies(tmp_path: Path, sim: SimulatorThread, store: Store,
-                               scheme: str) -> None:
-    """A JSONL file (with bad rows) and a Parquet folder at ``scheme://`` URLs give their local
+def check_runs_as_local_copies(tmp_path: Path, sim: SimulatorThread, store: Bucket) -> None:
+    """A JSONL file (with bad rows) and a Parquet folder in ``store`` give their local
     copies' output, bad-row reports (the URL in place of the path) and fingerprint."""
     lines = [json.dumps(r) for r in prompts(12)]
     lines[3:3] = ["{not json", "", json.dumps({"id": "r1", "prompt": "again"})]
@@ -72,7 +63,7 @@ def check_runs_as_local_copies(tmp_path: Path, sim: SimulatorThread, store: Stor
     for part in ("0.parquet", "1.parquet", "_SUCCESS"):
         store.put(f"parts/{part}", folder / part)
     local, remote = tmp_path / "plocal.parquet", tmp_path / "premote.parquet"
-    base = f"{scheme}://{store.bucket}/parts/"
+    base = f"{store.scheme}://{store.bucket}/parts/"
     first, second = _run(folder, local, sim), _run(base, remote, sim)
     assert first.exit_code == second.exit_code == 1, second.stderr
     assert _rows(local) == _rows(remote)
@@ -80,12 +71,12 @@ def check_runs_as_local_copies(tmp_path: Path, sim: SimulatorThread, store: Stor
 
 
 def test_an_s3_jsonl_file_and_parquet_folder_run_as_their_local_copies(
-        tmp_path: Path, sim: SimulatorThread, s3: S3) -> None:  # noqa: F811
-    check_runs_as_local_copies(tmp_path, sim, s3, "s3")
+        tmp_path: Path, sim: SimulatorThread, s3: Bucket) -> None:  # noqa: F811
+    check_runs_as_local_copies(tmp_path, sim, s3)
 
 
 def test_a_resume_of_an_s3_input_sends_nothing_twice(
-        tmp_path: Path, make_sim: Any, s3: S3) -> None:  # noqa: F811
+        tmp_path: Path, make_sim: Any, s3: Bucket) -> None:  # noqa: F811
     sim = make_sim(latency_ms=150)
     rows = prompts(200)
     url = s3.put("in.jsonl", write_jsonl(tmp_path / "in.jsonl", rows))
@@ -105,7 +96,7 @@ def test_a_resume_of_an_s3_input_sends_nothing_twice(
 
 
 def test_a_missing_s3_object_or_bucket_or_an_s3_output_exits_2_naming_the_url(
-        tmp_path: Path, sim: SimulatorThread, s3: S3) -> None:  # noqa: F811
+        tmp_path: Path, sim: SimulatorThread, s3: Bucket) -> None:  # noqa: F811
     url = s3.put("in.jsonl", write_jsonl(tmp_path / "in.jsonl", prompts(2)))
     for missing in (f"s3://{s3.bucket}/nope.jsonl", "s3://no-such-bucket-here/in.jsonl"):
         result = _run(missing, tmp_path / "out.parquet", sim)
@@ -119,7 +110,7 @@ def test_a_missing_s3_object_or_bucket_or_an_s3_output_exits_2_naming_the_url(
 
 
 def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
-                                         s3: S3) -> None:  # noqa: F811
+                                         s3: Bucket) -> None:  # noqa: F811
     url = s3.put("in.jsonl", write_jsonl(tmp_path / "in.jsonl", prompts(3)))
     job = tmp_path / "job.toml"
     job.write_text(f'input = "{url}"\noutput = "out/answers.parquet"\nmodel = "gpt-4o-mini"\n')
@@ -128,7 +119,7 @@ def test_a_job_file_may_name_an_s3_input(tmp_path: Path, sim: SimulatorThread,
     assert len(read_output(tmp_path / "out" / "answers.parquet")) == 3
 
 
-def check_dry_run_as_local_copy(tmp_path: Path, store: Store) -> None:
+def check_dry_run_as_local_copy(tmp_path: Path, store: Bucket) -> None:
     """``batcher estimate`` of a JSONL object (with a bad row) reports as its local copy: the
     one-pass dry run reads it through the same location layer as the reader."""
     lines = [json.dumps(r) for r in prompts(20)] + ["{not json"]
@@ -144,5 +135,5 @@ def check_dry_run_as_local_copy(tmp_path: Path, store: Store) -> None:
 
 
 def test_a_dry_run_of_an_s3_jsonl_file_reports_as_its_local_copy(
-        tmp_path: Path, s3: S3) -> None:  # noqa: F811
+        tmp_path: Path, s3: Bucket) -> None:  # noqa: F811
     check_dry_run_as_local_copy(tmp_path, s3)

@@ -45,7 +45,7 @@ from batcher.engines.ray.limiter import (
 from batcher.limits import SLICE_WINDOW, TIMER_SLACK, Throttle
 from batcher.runner import Runner
 from batcher.simulate import SimulatorThread
-from tests.conftest import prompts, read_output, run_cli, write_jsonl
+from tests.conftest import prompts, read_output, run_cli, stop_process, write_jsonl
 from tests.virtual_clock import VirtualClockLoop, run_virtual
 
 ray = pytest.importorskip("ray")
@@ -184,12 +184,7 @@ def _simulator_process(*args: str) -> Iterator[tuple[str, Callable[[], dict[str,
 
         yield f"http://127.0.0.1:{port}/v1", stats
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _listening(port: int) -> bool:

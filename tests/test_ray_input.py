@@ -19,7 +19,7 @@ import pytest
 
 from batcher.simulate import SimulatorThread
 from tests.conftest import prompts, run_cli
-from tests.s3_server import S3, s3, s3_endpoint  # noqa: F401  (fixtures)
+from tests.s3_server import Bucket, s3, s3_endpoint  # noqa: F401  (fixtures)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -100,7 +100,7 @@ def test_ray_data_reads_gzip_jsonl_and_parquet_parts_as_the_local_engine_does(
 
 
 def test_an_s3_input_on_ray_is_read_on_the_cluster(
-        sim: SimulatorThread, tmp_path: Path, s3: S3) -> None:  # noqa: F811
+        sim: SimulatorThread, tmp_path: Path, s3: Bucket) -> None:  # noqa: F811
     # Its own Ray (a subprocess driver): the read tasks' workers get the endpoint and the
     # credentials from the environment, as a cluster's nodes would from theirs.
     src = tmp_path / "in.jsonl"

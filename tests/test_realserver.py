@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from tests.conftest import read_output, run_cli, write_jsonl
+from tests.conftest import read_output, run_cli, stop_process, write_jsonl
 
 pytestmark = pytest.mark.realserver
 
@@ -124,12 +124,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
         model = models["data"][0]["id"]
         yield RealServer(base_url, model)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop_process(process, timeout=15)
 
 
 def _rows(completion_prompts: bool) -> list[dict[str, Any]]:
